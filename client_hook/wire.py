@@ -1,0 +1,266 @@
+"""The wire schema: every message the client and the server exchange.
+
+Written once, here, and imported by both sides (the server through
+`server.ingest`). Pure standard library: no torch, no pydantic, so the server
+never imports torch and the client needs nothing beyond torch and websockets.
+
+A websocket text message from the client is one *batch*:
+
+    {"protocol": 1, "frames": [frame, ...]}
+
+and every frame carries `protocol`, `kind`, `run_id` (client-generated),
+`seq` (per run, from 0, no gaps) and `step` (optimizer steps, from 0). The
+server stores a batch in one transaction, then answers
+`{"kind": "ack", "seqs": {run_id: [seq, ...]}}`; a batch that fails
+validation is answered `{"kind": "error", "error": "..."}` and the connection
+is closed. Numbers are JSON numbers; NaN and ±Infinity are allowed where they
+are data (a NaN loss is a finding, not a bad frame).
+
+Per-layer statistics travel as rows in the column order of
+`LAYER_STAT_COLUMNS`, histograms as rows of `HISTOGRAM_COLUMNS`: the same
+names are the database columns and the REST field names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+PROTOCOL_VERSION = 1
+
+# Tensor statistics, in the order `client_hook.stats.tensor_stats` returns them.
+# mean/std/rms/norm/min/max are over the finite elements (std is the population
+# std); nonfinite counts NaN/±Inf; zero_frac is the fraction of exact zeros.
+STAT_FIELDS: tuple[str, ...] = ("mean", "std", "rms", "norm", "min", "max", "nonfinite", "zero_frac", "numel")
+
+# What a per-layer statistic describes. `weight` rows are parameter values after
+# the optimizer step and carry `update_ratio` = ||w_after - w_before|| / ||w_before||.
+TENSOR_KINDS: tuple[str, ...] = ("weight", "grad", "activation")
+ACTIVATION_PARAM = "output"  # the `param` of an activation row: the module's output
+
+LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "update_ratio")
+HISTOGRAM_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", "lo", "hi", "counts")
+HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i = 0..HIST_BINS
+
+FRAME_KINDS: tuple[str, ...] = ("run_start", "scalars", "layer_stats", "histograms", "run_end")
+RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
+MAX_NAME_LEN = 256
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # default server limit for one batch
+
+
+class SchemaError(ValueError):
+    """A message that does not follow this schema; the text names what is wrong."""
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> str | None:
+    return None if _is_number(v) else "a number"
+
+
+def _number_or_null(v: Any) -> str | None:
+    return None if v is None or _is_number(v) else "a number or null"
+
+
+def _finite_number(v: Any) -> str | None:
+    return None if _is_number(v) and math.isfinite(v) else "a finite number"
+
+
+def _count(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "a non-negative integer"
+
+
+def _name(v: Any) -> str | None:
+    return None if isinstance(v, str) and len(v) <= MAX_NAME_LEN else f"a string of at most {MAX_NAME_LEN} characters"
+
+
+def _nonempty_name(v: Any) -> str | None:
+    return None if isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN else f"a non-empty string of at most {MAX_NAME_LEN} characters"
+
+
+def _object(v: Any) -> str | None:
+    return None if isinstance(v, dict) else "an object"
+
+
+def _object_or_null(v: Any) -> str | None:
+    return None if v is None or isinstance(v, dict) else "an object or null"
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"one of {list(options)}"
+
+    return check
+
+
+def _scalar_values(v: Any) -> str | None:
+    if not isinstance(v, dict) or not v:
+        return "a non-empty object of name -> number"
+    for key, value in v.items():
+        if _nonempty_name(key) or not (value is None or _is_number(value)):
+            return f"an object of name -> number (entry {key!r}: {value!r} is not)"
+    return None
+
+
+def _model(v: Any) -> str | None:
+    if not isinstance(v, dict) or not isinstance(v.get("modules"), list):
+        return "an object with a 'modules' list"
+    for i, module in enumerate(v["modules"]):
+        if not isinstance(module, dict) or _name(module.get("name")) or _name(module.get("type")):
+            return f"an object whose modules each have string 'name' and 'type' (module {i} is {module!r})"
+        if not isinstance(module.get("params", []), list):
+            return f"an object whose modules have a 'params' list (module {i} has {module.get('params')!r})"
+    return None
+
+
+def _rows(columns: tuple[str, ...], cell_checks: dict[str, Callable[[Any], str | None]]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list):
+            return f"a list of rows [{', '.join(columns)}]"
+        for i, row in enumerate(v):
+            if not isinstance(row, list) or len(row) != len(columns):
+                return f"a list of rows of {len(columns)} cells [{', '.join(columns)}] (row {i} is {_short(row)})"
+            for column, cell in zip(columns, row):
+                problem = cell_checks[column](cell)
+                if problem:
+                    return f"a list of rows [{', '.join(columns)}] (row {i}: {column!r} must be {problem}, but got {cell!r})"
+        return None
+
+    return check
+
+
+def _counts(v: Any) -> str | None:
+    if not isinstance(v, list) or len(v) != HIST_BINS or any(_count(c) for c in v):
+        return f"a list of {HIST_BINS} non-negative integers"
+    return None
+
+
+_STAT_CELLS: dict[str, Callable[[Any], str | None]] = {
+    "layer": _name,
+    "param": _name,
+    "kind": _one_of(TENSOR_KINDS),
+    **{f: _number_or_null for f in STAT_FIELDS},
+    "nonfinite": _count,
+    "numel": _count,
+    "update_ratio": _number_or_null,
+}
+_HIST_CELLS: dict[str, Callable[[Any], str | None]] = {
+    "layer": _name,
+    "param": _name,
+    "kind": _one_of(TENSOR_KINDS),
+    "lo": _number_or_null,
+    "hi": _number_or_null,
+    "counts": _counts,
+}
+
+_COMMON: dict[str, Callable[[Any], str | None]] = {
+    "protocol": lambda v: None if v == PROTOCOL_VERSION else f"{PROTOCOL_VERSION} (this server speaks protocol {PROTOCOL_VERSION})",
+    "kind": _one_of(FRAME_KINDS),
+    "run_id": _nonempty_name,
+    "seq": _count,
+    "step": _count,
+}
+
+# Required fields per frame kind, beyond the common ones. Optional fields are
+# listed in `_OPTIONAL` and checked when present.
+_REQUIRED: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "run_start": {"name": _nonempty_name, "project": _nonempty_name, "time": _finite_number, "model": _model},
+    "scalars": {"values": _scalar_values, "time": _finite_number},
+    "layer_stats": {"rows": _rows(LAYER_STAT_COLUMNS, _STAT_CELLS)},
+    "histograms": {"rows": _rows(HISTOGRAM_COLUMNS, _HIST_CELLS)},
+    "run_end": {"status": _one_of(RUN_END_STATUSES), "time": _finite_number},
+}
+_OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "run_start": {"optimizer": _object_or_null, "config": _object_or_null},
+    "scalars": {},
+    "layer_stats": {"every": _count},
+    "histograms": {},
+    "run_end": {},
+}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate_frame(frame: Any) -> dict[str, Any]:
+    """Check one frame; return it unchanged or raise SchemaError naming the problem."""
+    if not isinstance(frame, dict):
+        raise SchemaError(f"a frame must be an object, but got {_short(frame)}")
+    for field, check in _COMMON.items():
+        if field not in frame:
+            raise SchemaError(f"missing field {field!r}")
+        problem = check(frame[field])
+        if problem:
+            raise SchemaError(f"field {field!r} must be {problem}, but got {_short(frame[field])}")
+    kind = frame["kind"]
+    for field, check in _REQUIRED[kind].items():
+        if field not in frame:
+            raise SchemaError(f"{kind!r} frame is missing field {field!r}")
+        problem = check(frame[field])
+        if problem:
+            raise SchemaError(f"{kind!r} frame: field {field!r} must be {problem}, but got {_short(frame[field])}")
+    for field, check in _OPTIONAL[kind].items():
+        if field in frame:
+            problem = check(frame[field])
+            if problem:
+                raise SchemaError(f"{kind!r} frame: field {field!r} must be {problem}, but got {_short(frame[field])}")
+    return frame
+
+
+def validate_batch(message: Any) -> list[dict[str, Any]]:
+    """Check a whole client message; return its frames or raise SchemaError.
+
+    The error names the frame's index and kind, so a client author can find it.
+    """
+    if not isinstance(message, dict):
+        raise SchemaError(f"a message must be an object {{'protocol': {PROTOCOL_VERSION}, 'frames': [...]}}, but got {_short(message)}")
+    if message.get("protocol") != PROTOCOL_VERSION:
+        raise SchemaError(
+            f"unsupported protocol version {message.get('protocol')!r}: this server speaks protocol {PROTOCOL_VERSION}"
+        )
+    frames = message.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise SchemaError(f"'frames' must be a non-empty list, but got {_short(frames)}")
+    for i, frame in enumerate(frames):
+        try:
+            validate_frame(frame)
+        except SchemaError as exc:
+            kind = frame.get("kind") if isinstance(frame, dict) else None
+            raise SchemaError(f"frame {i}" + (f" ({kind!r})" if isinstance(kind, str) else "") + f": {exc}") from None
+    return frames
+
+
+# ---------------------------------------------------------------- constructors
+# The client builds frames only through these, so field names live here alone.
+
+
+def frame(kind: str, *, run_id: str, seq: int, step: int, **fields: Any) -> dict[str, Any]:
+    """One frame of `kind` with the common fields filled in."""
+    return {"protocol": PROTOCOL_VERSION, "kind": kind, "run_id": run_id, "seq": seq, "step": step, **fields}
+
+
+def batch(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    """The envelope of one client message."""
+    return {"protocol": PROTOCOL_VERSION, "frames": frames}
+
+
+def ack(seqs: dict[str, list[int]]) -> dict[str, Any]:
+    """The server's answer once a batch is committed."""
+    return {"kind": "ack", "seqs": seqs}
+
+
+def error(text: str) -> dict[str, Any]:
+    """The server's answer to a bad message, sent just before it closes the connection."""
+    return {"kind": "error", "error": text}
+
+
+def hist_edges(lo: float, hi: float, bins: int = HIST_BINS) -> list[float]:
+    """The bin edges of a histogram row: `bins + 1` evenly spaced values from lo to hi."""
+    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
