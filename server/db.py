@@ -1,0 +1,64 @@
+"""The database engine and sessions: SQLite by default, PostgreSQL as well.
+
+SQLite gets WAL mode (readers never wait for the writer, which matters while a
+dashboard polls during ingest), synchronous=NORMAL (durable at every
+checkpoint; safe in WAL mode and much cheaper than FULL), a 10 s busy timeout
+and foreign keys on. Nothing else here is specific to one database.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from server.tables import Base
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def make_engine(db_url: str) -> Engine:
+    """An engine for `db_url`; for a SQLite file, its folder is created if missing."""
+    url = make_url(db_url)
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        # Sessions are used from the threadpool that runs sync routes and ingest.
+        kwargs["connect_args"] = {"check_same_thread": False}
+        if url.database in (None, "", ":memory:"):
+            # An in-memory database lives in one connection; share it.
+            kwargs["poolclass"] = StaticPool
+        else:
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+    if url.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def init_db(engine: Engine) -> None:
+    """Create the tables that do not exist yet."""
+    Base.metadata.create_all(engine)
+    log.info("database ready at %s", engine.url.render_as_string(hide_password=True))
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (results outlive the transaction)."""
+    return sessionmaker(engine, expire_on_commit=False)

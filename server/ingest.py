@@ -1,0 +1,128 @@
+"""The ingest websocket, /ws/ingest: validate, store, then acknowledge.
+
+One text message is one batch (see `client_hook.wire`). A batch is validated
+whole, stored in one transaction in a worker thread (the event loop never
+waits on the database), and only after the commit acked with its seqs; then
+the live hub hears what changed. A bad message is answered with an error that
+names the problem and closes this connection only: what was stored stays, and
+other connections go on.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from client_hook import wire
+from server import store
+from server.live import LiveHub, ingest_events
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+# One writer at a time in this process: SQLite allows a single writer, and
+# queuing here is cheaper than the busy-timeout retries (and the "database is
+# locked" errors past them) that concurrent clients would otherwise cause.
+WRITE_LOCK = threading.Lock()
+
+
+class BadMessage(Exception):
+    """A message this connection must be closed for; `code` is the websocket close code."""
+
+    def __init__(self, text: str, code: int = status.WS_1008_POLICY_VIOLATION) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def _authorized(websocket: WebSocket, token: str | None) -> bool:
+    if token is None:
+        return True
+    header = websocket.headers.get("authorization", "")
+    offered = header[len("Bearer ") :] if header.startswith("Bearer ") else websocket.query_params.get("token", "")
+    return hmac.compare_digest(offered.encode(), token.encode())
+
+
+def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """The frames of one websocket message, or BadMessage naming what is wrong."""
+    text = message.get("text")
+    if text is None:
+        raise BadMessage("binary messages are not accepted: send each batch as a JSON text message")
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise BadMessage(
+            f"message of {size} bytes is over this server's limit of {limit} bytes: send smaller batches",
+            status.WS_1009_MESSAGE_TOO_BIG,
+        )
+    try:
+        # Python's json accepts NaN and Infinity tokens: a NaN loss is data.
+        batch = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadMessage(f"message is not valid JSON: {exc}") from None
+    try:
+        return wire.validate_batch(batch)
+    except wire.SchemaError as exc:
+        raise BadMessage(str(exc)) from None
+
+
+def _store(sessions: sessionmaker[Session], frames: list[dict[str, Any]]) -> tuple[store.IngestResult, list[Any]]:
+    """Runs in a worker thread: commit the batch, then read the changed runs for the live push."""
+    with WRITE_LOCK, sessions() as session:
+        result = store.ingest_batch(session, frames=frames)
+    with sessions() as session:
+        runs = [store.get_run(session, run_id=run_id) for run_id in result.changed_runs]
+    return result, [run for run in runs if run is not None]
+
+
+async def _reject(websocket: WebSocket, text: str, code: int) -> None:
+    log.warning("ingest from %s rejected: %s", websocket.client, text)
+    try:
+        await websocket.send_json(wire.error(text))
+        await websocket.close(code=code, reason=text[:120])  # a close reason is at most 123 bytes
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client is gone already; nothing to tell it
+
+
+@router.websocket("/ws/ingest")
+async def ingest(websocket: WebSocket) -> None:
+    settings: Settings = websocket.app.state.settings
+    sessions: sessionmaker[Session] = websocket.app.state.sessions
+    hub: LiveHub = websocket.app.state.hub
+
+    await websocket.accept()
+    if not _authorized(websocket, settings.token):
+        await _reject(
+            websocket,
+            "this server requires a token: send 'Authorization: Bearer <token>' or '?token=<token>'",
+            status.WS_1008_POLICY_VIOLATION,
+        )
+        return
+    log.info("ingest connection from %s", websocket.client)
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            log.info("ingest connection from %s closed", websocket.client)
+            return
+        try:
+            frames = _parse(message, settings.max_message_bytes)
+            result, runs = await run_in_threadpool(_store, sessions, frames)
+        except BadMessage as exc:
+            await _reject(websocket, str(exc), exc.code)
+            return
+        except store.UnknownRunError as exc:
+            await _reject(websocket, str(exc), status.WS_1008_POLICY_VIOLATION)
+            return
+        except Exception as exc:  # a database failure: this batch is not stored, so it is not acked
+            log.exception("storing a batch from %s failed", websocket.client)
+            await _reject(websocket, f"the server could not store this batch: {exc}", status.WS_1011_INTERNAL_ERROR)
+            return
+        await websocket.send_json(wire.ack(result.acked))
+        hub.publish(ingest_events(result, runs))

@@ -1,0 +1,123 @@
+"""Live push to dashboards: a hub of per-dashboard queues and the /ws/live socket.
+
+Ingest publishes after each commit; every connected dashboard has its own
+bounded queue, and a dashboard that does not keep up loses events (it can
+re-read over REST) instead of slowing ingest down. Events are JSON objects:
+
+    {"type": "run", "run": RunPublic}
+    {"type": "scalars", "run_id": ..., "key": ..., "steps": [...], "values": [...]}
+    {"type": "layer_stats", "run_id": ..., "steps": [...]}
+    {"type": "alert", "run_id": ..., "alert": AlertPublic}
+
+with NaN and ±Infinity sent as null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from server import store
+from server.schemas import AlertPublic, RunPublic, json_safe
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+# Enough for a few seconds of a busy run; past it the dashboard is not reading.
+QUEUE_SIZE = 1000
+
+
+class LiveHub:
+    """Fans events out to every connected dashboard without ever waiting on one."""
+
+    def __init__(self, queue_size: int = QUEUE_SIZE) -> None:
+        self.queue_size = queue_size
+        self._queues: set[asyncio.Queue[str]] = set()
+        self.dropped = 0
+
+    @property
+    def listeners(self) -> int:
+        return len(self._queues)
+
+    def subscribe(self) -> asyncio.Queue[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=self.queue_size)
+        self._queues.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
+        self._queues.discard(queue)
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        """Queue events for every dashboard; call from the event loop's thread."""
+        if not self._queues or not events:
+            return
+        texts = [json.dumps(json_safe(event), allow_nan=False) for event in events]
+        for queue in list(self._queues):
+            for text in texts:
+                try:
+                    queue.put_nowait(text)
+                except asyncio.QueueFull:
+                    if self.dropped == 0:
+                        log.warning("a dashboard is not keeping up; dropping live events for it")
+                    self.dropped += 1
+
+
+def ingest_events(result: store.IngestResult, runs: list[store.RunInfo]) -> list[dict[str, Any]]:
+    """The live events that announce one committed batch."""
+    events: list[dict[str, Any]] = [
+        {"type": "run", "run": RunPublic.model_validate(run).model_dump(mode="json")} for run in runs
+    ]
+    for (run_id, key), (steps, values) in result.scalar_points.items():
+        events.append({"type": "scalars", "run_id": run_id, "key": key, "steps": steps, "values": values})
+    for run_id, steps in result.stat_steps.items():
+        events.append({"type": "layer_stats", "run_id": run_id, "steps": steps})
+    return events
+
+
+def alert_event(alert: store.AlertInfo) -> dict[str, Any]:
+    """The live event for a new or updated alert (the diagnosis engine publishes these)."""
+    public = AlertPublic(
+        id=alert.id,
+        rule=alert.rule,
+        severity=alert.severity,
+        step=alert.first_step,
+        last_step=alert.last_step,
+        count=alert.count,
+        layer=alert.layer,
+        message=alert.message,
+        remedy=alert.remedy,
+        evidence=alert.evidence,
+    )
+    return {"type": "alert", "run_id": alert.run_id, "alert": public.model_dump(mode="json")}
+
+
+@router.websocket("/ws/live")
+async def live(websocket: WebSocket) -> None:
+    hub: LiveHub = websocket.app.state.hub
+    await websocket.accept()
+    queue = hub.subscribe()
+
+    async def forward() -> None:
+        while True:
+            await websocket.send_text(await queue.get())
+
+    # Dashboards send nothing; reading is how a closed tab is noticed while no events flow.
+    sender = asyncio.create_task(forward())
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        hub.unsubscribe(queue)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender

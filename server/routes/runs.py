@@ -1,0 +1,131 @@
+"""REST: runs and what was recorded about them, under /api.
+
+Routes only translate between HTTP and `server.store`; they hold no SQL.
+Responses go through the models in `server.schemas`, which turn NaN and
+±Infinity into null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from sqlalchemy.orm import Session
+
+from client_hook import wire
+from server import __version__, store
+from server.schemas import (
+    AlertPublic,
+    HealthPublic,
+    HeatmapPublic,
+    HistogramSeriesPublic,
+    LayerSeriesPublic,
+    RunDetail,
+    RunPublic,
+    ScalarSeriesPublic,
+    SeriesPublic,
+)
+
+router = APIRouter(prefix="/api")
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+# Literal types give 422s that name the bad value and the allowed ones, and enums in /docs.
+TensorKind = Literal[wire.TENSOR_KINDS]  # type: ignore[valid-type]
+StatName = Literal[store.HEATMAP_STATS]  # type: ignore[valid-type]
+
+
+def get_run_or_404(session: SessionDep, run_id: str) -> store.RunInfo:
+    run = store.get_run(session, run_id=run_id)
+    if run is None:
+        raise HTTPException(status_code=404, detail=f"no run with id {run_id!r}")
+    return run
+
+
+RunDep = Annotated[store.RunInfo, Depends(get_run_or_404)]
+
+
+@router.get("/health")
+def health() -> HealthPublic:
+    """Whether a layerwatch server answers here, and which wire protocol it speaks."""
+    return HealthPublic(status="ok", version=__version__, protocol=wire.PROTOCOL_VERSION)
+
+
+@router.get("/runs")
+def list_runs(session: SessionDep, project: str | None = None, name: str | None = None) -> list[RunPublic]:
+    """All runs, newest first; optionally only one project's, or only those with one name."""
+    return [RunPublic.model_validate(run) for run in store.list_runs(session, project=project, name=name)]
+
+
+@router.get("/runs/{run_id}")
+def get_run(session: SessionDep, run: RunDep) -> RunDetail:
+    """One run with its model description and what series it has recorded (in forward order)."""
+    series = store.run_series(session, run_id=run.id, model=run.model)
+    return RunDetail.model_validate(
+        {
+            **RunPublic.model_validate(run).model_dump(),
+            "model": run.model,
+            "optimizer": run.optimizer,
+            "config": run.config,
+            "scalar_keys": store.scalar_keys(session, run_id=run.id),
+            "series": [SeriesPublic(layer=layer, param=param, kind=kind) for layer, param, kind in series],
+        }
+    )
+
+
+@router.get("/runs/{run_id}/scalars")
+def scalars(session: SessionDep, run: RunDep, key: str) -> ScalarSeriesPublic:
+    """One scalar (e.g. `loss`) over steps, ascending; a NaN value is null."""
+    steps, values = store.scalar_series(session, run_id=run.id, key=key)
+    return ScalarSeriesPublic(key=key, steps=steps, values=values)
+
+
+@router.get("/runs/{run_id}/heatmap")
+def heatmap(
+    session: SessionDep,
+    run: RunDep,
+    kind: TensorKind = "grad",
+    stat: StatName = "norm",
+    param: Annotated[str | None, Query(description="only rows of this param, e.g. 'weight'")] = None,
+) -> HeatmapPublic:
+    """One statistic of every layer of one kind as a layer x step matrix, rows in forward order."""
+    return HeatmapPublic(**store.heatmap(session, run_id=run.id, kind=kind, stat=stat, param=param, model=run.model))
+
+
+@router.get("/runs/{run_id}/layer_stats")
+def layer_stats(session: SessionDep, run: RunDep, layer: str, param: str, kind: TensorKind) -> LayerSeriesPublic:
+    """Every statistic of one (layer, param, kind) over steps."""
+    return LayerSeriesPublic(**store.layer_series(session, run_id=run.id, layer=layer, param=param, kind=kind))
+
+
+@router.get("/runs/{run_id}/histograms")
+def histograms(session: SessionDep, run: RunDep, layer: str, param: str, kind: TensorKind) -> HistogramSeriesPublic:
+    """The histograms of one (layer, param, kind) over steps; bin edges are `wire.hist_edges(lo, hi)`."""
+    return HistogramSeriesPublic(**store.histogram_series(session, run_id=run.id, layer=layer, param=param, kind=kind))
+
+
+@router.get("/runs/{run_id}/alerts")
+def alerts(session: SessionDep, run: RunDep) -> list[AlertPublic]:
+    """The run's alerts in the order they first fired; `step` is the first step, `last_step` the latest."""
+    return [
+        AlertPublic(
+            id=a.id,
+            rule=a.rule,
+            severity=a.severity,
+            step=a.first_step,
+            last_step=a.last_step,
+            count=a.count,
+            layer=a.layer,
+            message=a.message,
+            remedy=a.remedy,
+            evidence=a.evidence,
+        )
+        for a in store.list_alerts(session, run_id=run.id)
+    ]

@@ -1,0 +1,485 @@
+"""Data functions over the tables: what ingest writes and what the REST routes read.
+
+Keyword-only arguments, no HTTP, no SQL outside this file. Writes go through
+`ingest_batch`, which stores one client batch in one transaction; reads return
+plain dataclasses and dicts that outlive the session. Upserts use the
+INSERT ... ON CONFLICT form that SQLite and PostgreSQL share, so the same code
+runs on both.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from client_hook import wire
+from server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+HEATMAP_STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio")
+_UINT32_MAX = 0xFFFFFFFF
+
+
+class UnknownRunError(ValueError):
+    """A frame for a run that was never started."""
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class IngestResult:
+    """What one committed batch did: the seqs to ack and what the live push should announce."""
+
+    acked: dict[str, list[int]] = field(default_factory=dict)
+    changed_runs: list[str] = field(default_factory=list)
+    # (run_id, key) -> (steps, values) of the points this batch stored, in arrival order.
+    scalar_points: dict[tuple[str, str], tuple[list[int], list[float | None]]] = field(default_factory=dict)
+    # run_id -> sorted steps that got new layer statistics or histograms.
+    stat_steps: dict[str, list[int]] = field(default_factory=dict)
+    stored_frames: int = 0
+    replayed_frames: int = 0
+
+
+@dataclass
+class RunInfo:
+    id: str
+    name: str
+    project: str
+    status: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    last_step: int | None
+    last_loss: float | None
+    every: int | None
+    alert_counts: dict[str, int]
+    model: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    config: dict[str, Any] | None
+
+
+@dataclass
+class AlertInfo:
+    id: int
+    run_id: str
+    rule: str
+    severity: str
+    layer: str | None
+    first_step: int
+    last_step: int
+    count: int
+    message: str
+    remedy: str
+    evidence: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def pack_counts(counts: Iterable[int]) -> bytes:
+    """Histogram counts as little-endian uint32 (a count past 2**32 - 1 saturates)."""
+    values = [min(int(c), _UINT32_MAX) for c in counts]
+    return struct.pack(f"<{len(values)}I", *values)
+
+
+def unpack_counts(blob: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(blob) // 4}I", blob))
+
+
+# ---------------------------------------------------------------- writes
+
+
+def ingest_batch(session: Session, *, frames: list[dict[str, Any]], now: float | None = None) -> IngestResult:
+    """Store one validated batch in one transaction and commit it.
+
+    A frame whose (run_id, seq) was stored before is skipped but acked again,
+    so a client that replays after a lost ack stores nothing twice. Any error
+    rolls the whole batch back: nothing partial is stored.
+    """
+    try:
+        result = _ingest(session, frames, time.time() if now is None else now)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return result
+
+
+def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> IngestResult:
+    result = IngestResult()
+    seqs_by_run: dict[str, list[int]] = defaultdict(list)
+    for f in frames:
+        if f["seq"] not in seqs_by_run[f["run_id"]]:
+            seqs_by_run[f["run_id"]].append(f["seq"])
+    result.acked = {run_id: list(seqs) for run_id, seqs in seqs_by_run.items()}
+
+    seen: set[tuple[str, int]] = set()
+    runs: dict[str, Run | None] = {}
+    for run_id, seqs in seqs_by_run.items():
+        runs[run_id] = session.get(Run, run_id)
+        # A range, not an IN list: no bound-parameter limit however long the batch.
+        stored = session.scalars(
+            select(ReceivedFrame.seq).where(
+                ReceivedFrame.run_id == run_id, ReceivedFrame.seq >= min(seqs), ReceivedFrame.seq <= max(seqs)
+            )
+        )
+        seen.update((run_id, seq) for seq in stored)
+
+    projects: dict[str, Project] = {}
+    ledger: list[dict[str, Any]] = []
+    scalars: dict[tuple[str, str, int], dict[str, Any]] = {}
+    stats: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
+    hists: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
+    changed: dict[str, None] = {}  # an ordered set
+    stat_steps: dict[str, set[int]] = defaultdict(set)
+
+    for f in frames:
+        run_id, seq, step, kind = f["run_id"], f["seq"], f["step"], f["kind"]
+        if (run_id, seq) in seen:
+            result.replayed_frames += 1
+            continue
+        seen.add((run_id, seq))
+
+        if kind == "run_start":
+            runs[run_id] = _start_run(session, runs.get(run_id), f, projects, now)
+        run = runs.get(run_id)
+        if run is None:
+            raise UnknownRunError(f"unknown run {run_id!r}: send a 'run_start' frame first")
+
+        if kind == "scalars":
+            for key, value in f["values"].items():
+                scalars[(run_id, key, step)] = {"run_id": run_id, "key": key, "step": step, "value": value}
+                steps, values = result.scalar_points.setdefault((run_id, key), ([], []))
+                steps.append(step)
+                values.append(value)
+            if "loss" in f["values"]:
+                run.last_loss = f["values"]["loss"]
+            _advance(run, step)
+        elif kind == "layer_stats":
+            for row in f["rows"]:
+                cells = dict(zip(wire.LAYER_STAT_COLUMNS, row, strict=True))
+                stats[(run_id, step, cells["layer"], cells["param"], cells["kind"])] = {
+                    "run_id": run_id,
+                    "step": step,
+                    **cells,
+                }
+            if "every" in f:
+                run.every = f["every"]
+            stat_steps[run_id].add(step)
+            _advance(run, step)
+        elif kind == "histograms":
+            for row in f["rows"]:
+                cells = dict(zip(wire.HISTOGRAM_COLUMNS, row, strict=True))
+                cells["counts"] = pack_counts(cells["counts"])
+                hists[(run_id, step, cells["layer"], cells["param"], cells["kind"])] = {
+                    "run_id": run_id,
+                    "step": step,
+                    **cells,
+                }
+            stat_steps[run_id].add(step)
+            _advance(run, step)
+        elif kind == "run_end":
+            run.status = f["status"]
+            run.finished_at = f["time"]
+
+        run.updated_at = now
+        changed[run_id] = None
+        ledger.append({"run_id": run_id, "seq": seq})
+        result.stored_frames += 1
+
+    # The run rows must exist before rows that reference them.
+    session.flush()
+    if ledger:
+        session.execute(insert(ReceivedFrame.__table__), ledger)
+    _upsert(session, Scalar.__table__, list(scalars.values()))
+    _upsert(session, LayerStat.__table__, list(stats.values()))
+    _upsert(session, Histogram.__table__, list(hists.values()))
+
+    result.changed_runs = list(changed)
+    result.stat_steps = {run_id: sorted(steps) for run_id, steps in stat_steps.items()}
+    return result
+
+
+def _start_run(session: Session, run: Run | None, f: dict[str, Any], projects: dict[str, Project], now: float) -> Run:
+    project = projects.get(f["project"])
+    if project is None:
+        project = session.scalar(select(Project).where(Project.name == f["project"]))
+        if project is None:
+            project = Project(name=f["project"])
+            session.add(project)
+            session.flush()  # for its id
+        projects[f["project"]] = project
+    if run is None:
+        run = Run(id=f["run_id"], status="running", created_at=f["time"], updated_at=now)
+        session.add(run)
+    # A run_start for a run we know (a client re-attaching) only refreshes its description.
+    run.project_id = project.id
+    run.name = f["name"]
+    run.model = f["model"]
+    run.optimizer = f.get("optimizer")
+    run.config = f.get("config")
+    return run
+
+
+def _advance(run: Run, step: int) -> None:
+    if run.last_step is None or step > run.last_step:
+        run.last_step = step
+
+
+def _upsert(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows; a row whose primary key exists replaces the stored values."""
+    if not rows:
+        return
+    keys = [c.name for c in table.primary_key.columns]
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        stmt = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=keys, set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+        )
+        session.execute(stmt, rows)
+    else:  # other databases: slower, but the same result
+        for row in rows:
+            existing = session.execute(select(table).where(*(table.c[k] == row[k] for k in keys))).first()
+            if existing is None:
+                session.execute(insert(table), [row])
+            else:
+                session.execute(
+                    table.update()
+                    .where(*(table.c[k] == row[k] for k in keys))
+                    .values({k: v for k, v in row.items() if k not in keys})
+                )
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _alert_counts(session: Session, run_ids: Any) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SEVERITIES, 0))
+    rows = session.execute(
+        select(Alert.run_id, Alert.severity, func.count())
+        .where(Alert.run_id.in_(run_ids))
+        .group_by(Alert.run_id, Alert.severity)
+    )
+    for run_id, severity, n in rows:
+        counts[run_id][severity] = n
+    return counts
+
+
+def _run_info(run: Run, project: str, alert_counts: dict[str, int]) -> RunInfo:
+    return RunInfo(
+        id=run.id,
+        name=run.name,
+        project=project,
+        status=run.status,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        finished_at=run.finished_at,
+        last_step=run.last_step,
+        last_loss=run.last_loss,
+        every=run.every,
+        alert_counts=alert_counts,
+        model=run.model,
+        optimizer=run.optimizer,
+        config=run.config,
+    )
+
+
+def list_runs(session: Session, *, project: str | None = None, name: str | None = None) -> list[RunInfo]:
+    """Runs, newest first, optionally only those of one project and/or with one name."""
+    query = select(Run, Project.name).join(Project, Run.project_id == Project.id)
+    if project is not None:
+        query = query.where(Project.name == project)
+    if name is not None:
+        query = query.where(Run.name == name)
+    rows = session.execute(query.order_by(Run.created_at.desc(), Run.id)).all()
+    counts = _alert_counts(session, [run.id for run, _ in rows]) if rows else {}
+    none = dict.fromkeys(SEVERITIES, 0)
+    return [_run_info(run, project_name, counts.get(run.id, none)) for run, project_name in rows]
+
+
+def get_run(session: Session, *, run_id: str) -> RunInfo | None:
+    row = session.execute(
+        select(Run, Project.name).join(Project, Run.project_id == Project.id).where(Run.id == run_id)
+    ).first()
+    if row is None:
+        return None
+    run, project_name = row
+    counts = _alert_counts(session, [run_id])
+    return _run_info(run, project_name, counts.get(run_id, dict.fromkeys(SEVERITIES, 0)))
+
+
+def find_run(session: Session, *, id_or_name: str) -> RunInfo | None:
+    """The run with this id, else the newest run with this name, else None."""
+    run = get_run(session, run_id=id_or_name)
+    if run is not None:
+        return run
+    newest = session.scalar(
+        select(Run.id).where(Run.name == id_or_name).order_by(Run.created_at.desc(), Run.id).limit(1)
+    )
+    return None if newest is None else get_run(session, run_id=newest)
+
+
+def scalar_keys(session: Session, *, run_id: str) -> list[str]:
+    return list(session.scalars(select(Scalar.key).where(Scalar.run_id == run_id).distinct().order_by(Scalar.key)))
+
+
+def forward_order(model: dict[str, Any] | None) -> Any:
+    """A sort key for (layer, param, kind): the model's module order (forward order),
+    then the module's own parameter order, then the wire's kind order. Names the
+    model does not list go last, alphabetically."""
+    modules = (model or {}).get("modules") or []
+    layer_index: dict[str, int] = {}
+    param_index: dict[str, dict[str, int]] = {}
+    for i, module in enumerate(modules):
+        name = module.get("name")
+        layer_index.setdefault(name, i)
+        params = [p.get("name") if isinstance(p, dict) else p for p in module.get("params") or []]
+        param_index.setdefault(name, {p: j for j, p in enumerate(params)})
+    last = len(modules)
+    kinds = {k: i for i, k in enumerate(wire.TENSOR_KINDS)}
+
+    def key(series: tuple[str, str, str]) -> tuple[Any, ...]:
+        layer, param, kind = series
+        params = param_index.get(layer, {})
+        return (
+            layer_index.get(layer, last),
+            layer,
+            params.get(param, len(params)),
+            param,
+            kinds.get(kind, len(kinds)),
+            kind,
+        )
+
+    return key
+
+
+def run_series(session: Session, *, run_id: str, model: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """The (layer, param, kind) series that have layer statistics, in forward order."""
+    rows = session.execute(
+        select(LayerStat.layer, LayerStat.param, LayerStat.kind).where(LayerStat.run_id == run_id).distinct()
+    ).all()
+    return sorted((tuple(r) for r in rows), key=forward_order(model))
+
+
+# ---------------------------------------------------------------- series
+
+
+def scalar_series(session: Session, *, run_id: str, key: str) -> tuple[list[int], list[float | None]]:
+    """(steps, values) of one scalar, ascending steps; NULL (a NaN in SQLite) reads as None."""
+    rows = session.execute(
+        select(Scalar.step, Scalar.value).where(Scalar.run_id == run_id, Scalar.key == key).order_by(Scalar.step)
+    ).all()
+    return [r.step for r in rows], [r.value for r in rows]
+
+
+def heatmap(
+    session: Session, *, run_id: str, kind: str, stat: str, param: str | None = None, model: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One statistic of every (layer, param) of one kind, as a rows x steps matrix.
+
+    Rows follow the model's forward order; a step where a row has no value is None.
+    """
+    if kind not in wire.TENSOR_KINDS:
+        raise ValueError(f"kind must be one of {list(wire.TENSOR_KINDS)}, but got {kind!r}")
+    if stat not in HEATMAP_STATS:
+        raise ValueError(f"stat must be one of {list(HEATMAP_STATS)}, but got {stat!r}")
+    column = LayerStat.__table__.c[stat]
+    query = select(LayerStat.step, LayerStat.layer, LayerStat.param, column).where(
+        LayerStat.run_id == run_id, LayerStat.kind == kind
+    )
+    if param is not None:
+        query = query.where(LayerStat.param == param)
+    rows = session.execute(query.order_by(LayerStat.step)).all()
+
+    steps: list[int] = []
+    step_index: dict[int, int] = {}
+    cells: dict[tuple[str, str], dict[int, Any]] = defaultdict(dict)
+    for step, layer, row_param, value in rows:
+        if step not in step_index:
+            step_index[step] = len(steps)
+            steps.append(step)
+        cells[(layer, row_param)][step_index[step]] = value
+    order = forward_order(model)
+    series = sorted(cells, key=lambda lp: order((lp[0], lp[1], kind)))
+    # An activation row is the module's output: its label is the module alone.
+    labels = [layer if kind == "activation" and p == wire.ACTIVATION_PARAM else f"{layer}.{p}" for layer, p in series]
+    return {
+        "kind": kind,
+        "stat": stat,
+        "rows": labels,
+        "layers": [layer for layer, _ in series],
+        "params": [p for _, p in series],
+        "steps": steps,
+        "z": [[cells[lp].get(i) for i in range(len(steps))] for lp in series],
+    }
+
+
+def layer_series(session: Session, *, run_id: str, layer: str, param: str, kind: str) -> dict[str, Any]:
+    """Every statistic of one (layer, param, kind) over steps: {"steps": [...], "<stat>": [...], ...}."""
+    stat_columns = [LayerStat.__table__.c[name] for name in HEATMAP_STATS]
+    rows = session.execute(
+        select(LayerStat.step, *stat_columns)
+        .where(LayerStat.run_id == run_id, LayerStat.layer == layer, LayerStat.param == param, LayerStat.kind == kind)
+        .order_by(LayerStat.step)
+    ).all()
+    out: dict[str, Any] = {"layer": layer, "param": param, "kind": kind, "steps": [r[0] for r in rows]}
+    for i, name in enumerate(HEATMAP_STATS, start=1):
+        out[name] = [r[i] for r in rows]
+    return out
+
+
+def histogram_series(session: Session, *, run_id: str, layer: str, param: str, kind: str) -> dict[str, Any]:
+    """The histograms of one (layer, param, kind) over steps, counts unpacked to lists."""
+    rows = session.execute(
+        select(Histogram.step, Histogram.lo, Histogram.hi, Histogram.counts)
+        .where(Histogram.run_id == run_id, Histogram.layer == layer, Histogram.param == param, Histogram.kind == kind)
+        .order_by(Histogram.step)
+    ).all()
+    return {
+        "layer": layer,
+        "param": param,
+        "kind": kind,
+        "bins": wire.HIST_BINS,
+        "steps": [r.step for r in rows],
+        "lo": [r.lo for r in rows],
+        "hi": [r.hi for r in rows],
+        "counts": [unpack_counts(r.counts) for r in rows],
+    }
+
+
+# ---------------------------------------------------------------- alerts
+
+
+def list_alerts(session: Session, *, run_id: str) -> list[AlertInfo]:
+    """A run's alerts in the order they first fired."""
+    alerts = session.scalars(select(Alert).where(Alert.run_id == run_id).order_by(Alert.first_step, Alert.id))
+    return [
+        AlertInfo(
+            id=a.id,
+            run_id=a.run_id,
+            rule=a.rule,
+            severity=a.severity,
+            layer=a.layer,
+            first_step=a.first_step,
+            last_step=a.last_step,
+            count=a.count,
+            message=a.message,
+            remedy=a.remedy,
+            evidence=a.evidence,
+            created_at=a.created_at,
+            updated_at=a.updated_at,
+        )
+        for a in alerts
+    ]
