@@ -1,0 +1,125 @@
+// The dashboard's only contact with the server: REST fetches, the live
+// websocket, and the one escaping helper for text that goes into Plotly.
+//
+// Names used here (kind, stat, step, layer, param) are the wire schema's
+// (client_hook/wire.py), unchanged.
+
+export const TENSOR_KINDS = ["weight", "grad", "activation"];
+export const STAT_FIELDS = ["mean", "std", "rms", "norm", "min", "max", "nonfinite", "zero_frac", "numel", "update_ratio"];
+export const ACTIVATION_PARAM = "output";
+export const HIST_BINS = 32;
+export const SEVERITIES = ["critical", "warning", "info"];
+
+// Plotly renders a subset of HTML in hover labels, tick labels and titles.
+// Every string that came from a user's model or run goes through this first,
+// so `<b>bold</b>` is shown as those eleven characters and never as markup.
+export function escapeHtml(value) {
+  return String(value ?? "")
+    .replace(/&/g, "&amp;")
+    .replace(/</g, "&lt;")
+    .replace(/>/g, "&gt;")
+    .replace(/"/g, "&quot;")
+    .replace(/'/g, "&#39;");
+}
+
+export class HttpError extends Error {}
+
+async function getJSON(path, params = {}) {
+  const query = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v !== undefined && v !== null && v !== "") query.set(k, v);
+  }
+  const qs = query.toString();
+  const response = await fetch(qs ? `${path}?${qs}` : path, { headers: { Accept: "application/json" } });
+  if (!response.ok) {
+    let detail = "";
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? `: ${body.detail}` : "";
+    } catch {
+      /* not JSON; the status says enough */
+    }
+    throw new HttpError(`${path} answered HTTP ${response.status}${detail}`);
+  }
+  return response.json();
+}
+
+const runPath = (id) => `/api/runs/${encodeURIComponent(id)}`;
+
+export const api = {
+  runs: () => getJSON("/api/runs"),
+  run: (id) => getJSON(runPath(id)),
+  scalars: (id, key) => getJSON(`${runPath(id)}/scalars`, { key }),
+  heatmap: (id, { kind, stat, param }) => getJSON(`${runPath(id)}/heatmap`, { kind, stat, param }),
+  layerStats: (id, { layer, param, kind }) => getJSON(`${runPath(id)}/layer_stats`, { layer, param, kind }),
+  histograms: (id, { layer, param, kind }) => getJSON(`${runPath(id)}/histograms`, { layer, param, kind }),
+  alerts: (id) => getJSON(`${runPath(id)}/alerts`),
+};
+
+// One /ws/live connection for the whole page. Reconnects with exponential
+// backoff; `onOpen(reconnected)` lets views catch up on what they missed.
+export class LiveSocket {
+  constructor({ onEvent, onState, onOpen }) {
+    this.onEvent = onEvent;
+    this.onState = onState;
+    this.onOpen = onOpen;
+    this.delay = 500;
+    this.opened = false;
+    this.ws = null;
+    this.connect();
+  }
+
+  connect() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    this.onState(this.opened ? "reconnecting" : "connecting");
+    let ws;
+    try {
+      ws = new WebSocket(`${scheme}//${location.host}/ws/live`);
+    } catch {
+      this.retry();
+      return;
+    }
+    this.ws = ws;
+    ws.onopen = () => {
+      const reconnected = this.opened;
+      this.opened = true;
+      this.delay = 500;
+      this.onState("live");
+      this.onOpen(reconnected);
+    };
+    ws.onmessage = (message) => {
+      let event;
+      try {
+        event = JSON.parse(message.data);
+      } catch {
+        return; // not ours to judge; the server speaks JSON
+      }
+      this.onEvent(event);
+    };
+    ws.onclose = () => {
+      if (this.ws === ws) this.retry();
+    };
+    // An error is always followed by close; the retry happens there.
+    ws.onerror = () => {};
+  }
+
+  retry() {
+    this.onState("reconnecting");
+    const wait = this.delay;
+    this.delay = Math.min(this.delay * 2, 10000);
+    setTimeout(() => this.connect(), wait);
+  }
+}
+
+// Runs `fn` at most once per `ms`, trailing: a burst of calls becomes one call
+// about `ms` after the first of them.
+export function throttle(fn, ms) {
+  let timer = null;
+  return () => {
+    if (timer !== null) return;
+    timer = setTimeout(() => {
+      timer = null;
+      fn();
+    }, ms);
+  };
+}
