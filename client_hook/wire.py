@@ -24,7 +24,8 @@ names are the database columns and the REST field names.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 PROTOCOL_VERSION = 1
 
@@ -80,7 +81,11 @@ def _name(v: Any) -> str | None:
 
 
 def _nonempty_name(v: Any) -> str | None:
-    return None if isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN else f"a non-empty string of at most {MAX_NAME_LEN} characters"
+    return (
+        None
+        if isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN
+        else f"a non-empty string of at most {MAX_NAME_LEN} characters"
+    )
 
 
 def _object(v: Any) -> str | None:
@@ -128,7 +133,8 @@ def _rows(columns: tuple[str, ...], cell_checks: dict[str, Callable[[Any], str |
             for column, cell in zip(columns, row):
                 problem = cell_checks[column](cell)
                 if problem:
-                    return f"a list of rows [{', '.join(columns)}] (row {i}: {column!r} must be {problem}, but got {cell!r})"
+                    header = ", ".join(columns)
+                    return f"a list of rows [{header}] (row {i}: {column!r} must be {problem}, but got {cell!r})"
         return None
 
     return check
@@ -159,7 +165,9 @@ _HIST_CELLS: dict[str, Callable[[Any], str | None]] = {
 }
 
 _COMMON: dict[str, Callable[[Any], str | None]] = {
-    "protocol": lambda v: None if v == PROTOCOL_VERSION else f"{PROTOCOL_VERSION} (this server speaks protocol {PROTOCOL_VERSION})",
+    "protocol": lambda v: (
+        None if v == PROTOCOL_VERSION else f"{PROTOCOL_VERSION} (this server speaks protocol {PROTOCOL_VERSION})"
+    ),
     "kind": _one_of(FRAME_KINDS),
     "run_id": _nonempty_name,
     "seq": _count,
@@ -220,7 +228,10 @@ def validate_batch(message: Any) -> list[dict[str, Any]]:
     The error names the frame's index and kind, so a client author can find it.
     """
     if not isinstance(message, dict):
-        raise SchemaError(f"a message must be an object {{'protocol': {PROTOCOL_VERSION}, 'frames': [...]}}, but got {_short(message)}")
+        raise SchemaError(
+            f"a message must be an object {{'protocol': {PROTOCOL_VERSION}, 'frames': [...]}}, "
+            f"but got {_short(message)}"
+        )
     if message.get("protocol") != PROTOCOL_VERSION:
         raise SchemaError(
             f"unsupported protocol version {message.get('protocol')!r}: this server speaks protocol {PROTOCOL_VERSION}"

@@ -1,0 +1,303 @@
+"""The hooks: where statistics are taken during training, and how a sample is built.
+
+Steps are optimizer steps. On a sampled step:
+- activation hooks are *armed* (registered) just before that step's forward and
+  removed when the model's first grad-enabled forward of the step ends, so
+  unsampled steps pay nothing for them (not even PyTorch's hook dispatch);
+- the optimizer's step pre-hook reads each gradient where the optimizer sees
+  it (after unscaling and clipping) and snapshots the weights;
+- the step post-hook measures ||w_after - w_before|| / ||w_before|| and the
+  weights, stacks every summary row and makes the step's single device-to-host
+  copy (non-blocking on CUDA; the sender thread waits for it, not training).
+
+Everything runs under `torch.no_grad()` and only reads tensors: outputs,
+gradients, weights and the RNG state are exactly what they would be without the
+monitor. A hook that fails logs once and goes quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from client_hook import stats
+from client_hook.model_info import param_owners
+from client_hook.wire import ACTIVATION_PARAM
+
+log = logging.getLogger("layerwatch")
+
+# Tensors larger than this get their update ratio from a fixed random subset of
+# SUBSET_SIZE elements, so the pre-step copy stays small (DESIGN: bounded memory).
+SUBSET_THRESHOLD = 1 << 22  # 4M elements = 16 MB in fp32
+SUBSET_SIZE = 1 << 16
+
+Row = tuple[str, str, str]  # (layer, param, kind)
+
+
+def first_float_tensor(value: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_floating_point() else None
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        return None
+    for item in items:
+        found = first_float_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+class Sample:
+    """One sampled step's summary rows, copied to the host once; decoded in the sender thread."""
+
+    def __init__(
+        self, step: int, every: int, rows: list[Row], summaries: list[torch.Tensor], ratios: list[torch.Tensor]
+    ):
+        self.step, self.every, self.rows = step, every, rows
+        matrix = torch.cat([torch.stack(summaries), torch.stack(ratios).unsqueeze(1)], dim=1)
+        if matrix.device.type == "cuda":
+            # The step's one device-to-host copy, queued on the stream and not waited
+            # for here: the sender thread synchronises on the event instead.
+            self._host = torch.empty(matrix.shape, dtype=matrix.dtype, pin_memory=True)
+            self._host.copy_(matrix, non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = matrix.cpu()  # CPU: no copy; other devices: one blocking copy
+            self._event = None
+
+    def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
+        if self._event is not None:
+            self._event.synchronize()
+        stat_rows, hist_rows = [], []
+        for (layer, param, kind), values in zip(self.rows, self._host.tolist()):
+            summary, lo, hi, counts = stats.unpack_row(values[:-1])
+            ratio = values[-1]
+            stat_rows.append([layer, param, kind, *summary.values(), None if ratio != ratio else ratio])
+            hist_rows.append([layer, param, kind, lo, hi, counts])
+        return [
+            ("layer_stats", self.step, {"rows": stat_rows, "every": self.every}),
+            ("histograms", self.step, {"rows": hist_rows}),
+        ]
+
+
+class Collector:
+    """The hooks on one model (and optionally its optimizer); hands `Sample`s to `emit`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        every: int,
+        emit: Callable[[Sample], None],
+        on_forward_order: Callable[[list[str]], None],
+    ) -> None:
+        self.model, self.optimizer, self.every = model, optimizer, every
+        self._emit = emit
+        self._on_forward_order = on_forward_order
+        self.step = 0  # the step in progress = optimizer steps completed so far
+        self.forward_order: list[str] | None = None
+        self._names = {module: name for name, module in model.named_modules()}
+        self._owners = param_owners(model)
+        self._handles: list[RemovableHandle] = []  # for the whole attachment
+        self._armed: list[RemovableHandle] = []  # activation hooks of the sampled step
+        self._order_handles: list[RemovableHandle] = []
+        self._seen_order: list[str] = []
+        self._activations: dict[str, torch.Tensor] = {}
+        self._grads: list[tuple[Row, torch.Tensor]] = []
+        self._snapshots: dict[int, torch.Tensor] = {}
+        self._subsets: dict[int, torch.Tensor] = {}
+        self._quiet: set[str] = set()
+        self._watch_forward_order()
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._guard("optimizer", self._before_step)))
+            # Not guarded like the others: counting steps must go on even if sampling went quiet.
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._arm_if_sampled()
+
+    # ------------------------------------------------------------ public
+
+    def is_sampled(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def remove(self) -> None:
+        """Remove every hook this collector registered; safe to call twice."""
+        for handle in self._handles + self._armed + self._order_handles:
+            handle.remove()
+        self._handles, self._armed, self._order_handles = [], [], []
+        self._snapshots.clear()
+        self._activations.clear()
+        self._grads.clear()
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._handles) + len(self._armed) + len(self._order_handles)
+
+    def finish_step_without_optimizer(self) -> None:
+        """Without an optimizer, `mon.log(loss=...)` ends a step: sample it if due, then advance."""
+        if self.is_sampled(self.step) and "optimizer" not in self._quiet:
+            try:
+                with torch.no_grad():
+                    self._read_grads()
+                    self._emit_sample(with_ratios=False)
+            except Exception:
+                self._go_quiet("optimizer")
+        self.step += 1
+        self._arm_if_sampled()
+
+    # ------------------------------------------------------------ forward order
+
+    def _watch_forward_order(self) -> None:
+        def record(module: nn.Module, args: Any) -> None:
+            name = self._names.get(module)
+            if name is not None and name not in self._seen_order:
+                self._seen_order.append(name)
+
+        def done(module: nn.Module, args: Any, output: Any) -> None:
+            for handle in self._order_handles:
+                handle.remove()
+            self._order_handles = []
+            self.forward_order = list(self._seen_order)
+            self._on_forward_order(self.forward_order)
+
+        for module in self._names:
+            self._order_handles.append(module.register_forward_pre_hook(self._guard("order", record)))
+        self._order_handles.append(self.model.register_forward_hook(self._guard("order", done)))
+
+    # ------------------------------------------------------------ activations
+
+    def _arm_if_sampled(self) -> None:
+        if not self.is_sampled(self.step) or self._armed or "activation" in self._quiet:
+            return
+        self._activations = {}
+        for module in self._names:
+            owns_params = next(module.parameters(recurse=False), None) is not None
+            is_leaf = next(module.children(), None) is None
+            if module is not self.model and (is_leaf or owns_params):
+                hook = self._guard("activation", self._activation_hook, training_only=True)
+                self._armed.append(module.register_forward_hook(hook))
+        self._armed.append(
+            self.model.register_forward_hook(self._guard("activation", self._disarm, training_only=True))
+        )
+
+    def _activation_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self._names[module]
+        if name in self._activations:
+            return  # a module called twice in one forward: its first call stands
+        tensor = first_float_tensor(output)
+        if tensor is not None:
+            self._activations[name] = stats.summarize(tensor)
+
+    def _disarm(self, module: nn.Module, args: Any, output: Any) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
+
+    # ------------------------------------------------------------ optimizer step
+
+    def _parameters(self) -> list[tuple[Row, nn.Parameter]]:
+        params = []
+        for param in self.model.parameters():
+            layer, name = self._owners.get(id(param), ("", "?"))
+            params.append(((layer, name, "grad"), param))
+        return params
+
+    def _read_grads(self) -> None:
+        self._grads = [
+            (row, stats.summarize(param.grad))
+            for row, param in self._parameters()
+            if param.grad is not None and not param.grad.is_sparse
+        ]
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.is_sampled(self.step):
+            return
+        self._read_grads()
+        self._snapshots = {}
+        for _, param in self._parameters():
+            if param.requires_grad:
+                self._snapshots[id(param)] = self._subset(param).clone()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.is_sampled(self.step) and "optimizer" not in self._quiet:
+            try:
+                with torch.no_grad():
+                    self._emit_sample(with_ratios=True)
+            except Exception:
+                self._go_quiet("optimizer")
+        self._snapshots = {}
+        self.step += 1
+        try:
+            self._arm_if_sampled()
+        except Exception:
+            self._go_quiet("activation")
+
+    def _subset(self, param: torch.Tensor) -> torch.Tensor:
+        flat = param.detach().reshape(-1)
+        if flat.numel() <= SUBSET_THRESHOLD:
+            return flat
+        index = self._subsets.get(id(param))
+        if index is None or index.device != flat.device:
+            # A private generator: the user's RNG stream is never touched.
+            generator = torch.Generator().manual_seed(id(param) & 0xFFFF)
+            index = torch.randperm(flat.numel(), generator=generator)[:SUBSET_SIZE].to(flat.device)
+            self._subsets[id(param)] = index
+        return flat[index]
+
+    def _emit_sample(self, *, with_ratios: bool) -> None:
+        by_device: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
+
+        def add(row: Row, summary: torch.Tensor, ratio: torch.Tensor | None) -> None:
+            bucket = by_device.setdefault(summary.device, ([], [], []))
+            bucket[0].append(row)
+            bucket[1].append(summary)
+            bucket[2].append(
+                ratio if ratio is not None else torch.full((), float("nan"), dtype=torch.float64, device=summary.device)
+            )
+
+        for name, summary in self._activations.items():
+            add((name, ACTIVATION_PARAM, "activation"), summary, None)
+        for row, summary in self._grads:
+            add(row, summary, None)
+        for (layer, pname, _), param in self._parameters():
+            before = self._snapshots.get(id(param)) if with_ratios else None
+            ratio = stats.update_ratio(before, self._subset(param)) if before is not None else None
+            add((layer, pname, "weight"), stats.summarize(param), ratio)
+        self._activations, self._grads = {}, []
+        for rows, summaries, ratios in by_device.values():  # one copy per device, usually one
+            self._emit(Sample(self.step, self.every, rows, summaries, ratios))
+
+    # ------------------------------------------------------------ failure policy
+
+    def _guard(self, part: str, fn: Callable[..., None], *, training_only: bool = False) -> Callable[..., None]:
+        """Wrap a hook: no gradient tracking, never raise, go quiet after a failure.
+
+        `training_only` hooks ignore forwards run with gradients off (evaluation
+        under `torch.no_grad()` between steps is not the training step).
+        """
+
+        def hook(*args: Any) -> None:
+            if part in self._quiet or (training_only and not torch.is_grad_enabled()):
+                return None
+            try:
+                with torch.no_grad():
+                    fn(*args)
+            except Exception:
+                self._go_quiet(part)
+            return None  # hooks only observe: returning None leaves outputs untouched
+
+        return hook
+
+    def _go_quiet(self, part: str) -> None:
+        self._quiet.add(part)
+        log.exception("layerwatch: the %s hook failed and is now off for this run (training is unaffected)", part)

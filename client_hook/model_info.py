@@ -1,0 +1,99 @@
+"""What the run_start frame says about the model and the optimizer.
+
+Module names are exactly as `model.named_modules()` gives them (the root is
+""), listed in forward order once a forward has been seen: the order in which
+modules *started* their forward in the first training forward; modules never
+called follow in registration order, marked `called: false`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def param_owners(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """id(parameter) -> (module name, parameter name) for every parameter of `model`.
+
+    A tied parameter (one tensor in two modules) belongs to the first module
+    that registers it, as in `model.named_parameters()`.
+    """
+    owners: dict[int, tuple[str, str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), (module_name, param_name))
+    return owners
+
+
+def describe_model(model: nn.Module, forward_order: list[str] | None, optimized: set[int]) -> dict[str, Any]:
+    """The `model` field of run_start: modules in forward order with their parameters."""
+    modules = dict(model.named_modules())
+    order = [name for name in (forward_order or []) if name in modules]
+    called = set(order)
+    order += [name for name in modules if name not in called]
+    owners = param_owners(model)
+    described = []
+    for name in order:
+        module = modules[name]
+        params = []
+        for param_name, param in module.named_parameters(recurse=False):
+            if owners.get(id(param)) != (name, param_name):
+                continue  # a tied parameter is described once, where it is first registered
+            params.append(
+                {
+                    "name": param_name,
+                    "shape": list(param.shape),
+                    "numel": param.numel(),
+                    "requires_grad": param.requires_grad,
+                    "in_optimizer": id(param) in optimized,
+                }
+            )
+        described.append(
+            {
+                "name": name,
+                "type": type(module).__name__,
+                "params": params,
+                "called": name in called if forward_order is not None else None,
+                "leaf": next(iter(module.children()), None) is None,
+            }
+        )
+    return {"modules": described, "num_params": sum(p.numel() for p in model.parameters())}
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as JSON: numbers, strings, bools, lists of those; else its repr."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)  # a tensor lr lives on the CPU in practice; read once at start
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Number):
+        return float(value) if not isinstance(value, int) else value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    """The `optimizer` field of run_start: its class and each group's hyperparameters."""
+    if optimizer is None:
+        return None
+    groups = []
+    for group in optimizer.param_groups:
+        hyper = {k: _plain(v) for k, v in group.items() if k != "params"}
+        hyper["num_params"] = sum(p.numel() for p in group["params"])
+        groups.append(hyper)
+    return {"type": type(optimizer).__name__, "param_groups": groups}
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`lr` of group 0 as "lr", the other groups' as "lr/1", "lr/2", ..."""
+    lrs: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if lr is not None:
+            # float() of a CPU tensor lr needs no device sync; a CUDA one would.
+            lrs["lr" if i == 0 else f"lr/{i}"] = float(lr)
+    return lrs

@@ -1,0 +1,319 @@
+"""The user API: `attach(model, optimizer)` returns a `Monitor`; `log`, `close`.
+
+    from client_hook import monitor
+    mon = monitor.attach(model, optimizer=opt, run="my-run")
+    for x, y in loader:
+        ...; loss.backward(); opt.step()
+        mon.log(loss=loss, targets=y)
+    mon.close()
+
+`attach` returns at once and never raises because the server is down; `log`
+never raises into training (a bad value is logged once and dropped). Steps are
+optimizer steps, from 0; without an optimizer each `log(loss=...)` is a step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import numbers
+import os
+import socket
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from client_hook import __version__
+from client_hook.collector import Collector, Sample
+from client_hook.model_info import describe_model, describe_optimizer, group_lrs
+from client_hook.sender import Frame, Sender
+
+log = logging.getLogger("layerwatch")
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+# Sampling interval when `every=None`. The adaptive, cost-budgeted choice
+# (DESIGN: "None = adaptive") replaces this constant with issue 6.
+DEFAULT_EVERY = 10
+DEFAULT_CLOSE_TIMEOUT_S = 10.0
+
+_attached: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    server: str | None = None,
+    run: str | None = None,
+    project: str = "default",
+    token: str | None = None,
+    every: int | None = None,
+    on_alert: Callable[[dict[str, Any]], None] | None = None,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+) -> Monitor:
+    """Start monitoring `model` (and `optimizer`'s steps); returns at once.
+
+    Attaching again to the same model closes the earlier monitor first, so hooks
+    never double up. Bad arguments raise ValueError/TypeError naming the value.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be a positive integer or None, but got {every!r}")
+    if not isinstance(project, str) or not project:
+        raise ValueError(f"project must be a non-empty string, but got {project!r}")
+    if run is not None and (not isinstance(run, str) or not run):
+        raise ValueError(f"run must be a non-empty string or None, but got {run!r}")
+    if on_alert is not None and not callable(on_alert):
+        raise TypeError(f"on_alert must be callable, but got {on_alert!r}")
+    previous = _attached.get(model)
+    if previous is not None:
+        previous.close()
+    mon = Monitor(
+        model,
+        optimizer,
+        server=server or os.environ.get("LAYERWATCH_SERVER") or DEFAULT_SERVER,
+        run=run or time.strftime("run-%Y%m%d-%H%M%S"),
+        project=project,
+        token=token or os.environ.get("LAYERWATCH_TOKEN"),
+        every=every,
+        on_alert=on_alert,
+        close_timeout=close_timeout,
+    )
+    _attached[model] = mon
+    return mon
+
+
+class Monitor:
+    """One monitored run. Create it with `attach`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        server: str,
+        run: str,
+        project: str,
+        token: str | None,
+        every: int | None,
+        on_alert: Callable[[dict[str, Any]], None] | None,
+        close_timeout: float,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.run, self.project, self.server = run, project, server
+        self.run_id = uuid.uuid4().hex
+        self.every = every if every is not None else DEFAULT_EVERY
+        self._every_requested = every
+        self._close_timeout = close_timeout
+        self._closed = False
+        self._started = False
+        self._warned: set[str] = set()
+        self._last_step: int | None = None  # the step the latest loss was logged at
+        self._loss_after_step: bool | None = None  # does the user log after opt.step()?
+        self._sender = Sender(server=server, run_id=self.run_id, token=token, on_alert=on_alert)
+        self._collector = Collector(
+            model, optimizer, every=self.every, emit=self._emit_sample, on_forward_order=self._start
+        )
+        self._atexit = _close_at_exit(self)
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------ user API
+
+    @property
+    def step(self) -> int:
+        """The step in progress (optimizer steps completed so far)."""
+        return self._collector.step
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"{self.server.rstrip('/')}/#/run/{self.run_id}"
+
+    def log(self, loss: Any = None, targets: Any = None, **scalars: Any) -> None:
+        """Record this step's loss and any scalars; never raises.
+
+        `loss` (float or tensor) ends a step when there is no optimizer. Scalars
+        logged without a loss (e.g. `val_loss`) belong to the latest step.
+        `targets` is accepted for the data checks of the diagnosis engine.
+        """
+        if self._closed:
+            self._warn_once("closed", "layerwatch: log() after close() is ignored")
+            return
+        try:
+            self._log(loss, scalars)
+        except Exception:
+            self._warn_once("log", "layerwatch: log() failed; this step's scalars are dropped", exc_info=True)
+
+    def close(self, status: str = "finished") -> None:
+        """Flush (waiting at most `close_timeout` s for the server), remove every hook. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        if _attached.get(self.model) is self:
+            del _attached[self.model]
+        self._collector.remove()
+        self._start(self._collector.forward_order)
+        step = self._last_step if self._last_step is not None else max(self._collector.step - 1, 0)
+        self._sender.submit(Frame("run_end", step, status=status, time=time.time()))
+        self._sender.close(self._close_timeout)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close("crashed" if exc_type is not None else "finished")
+
+    def status(self) -> dict[str, Any]:
+        """Delivery state, for the curious and for tests."""
+        return {
+            "run_id": self.run_id,
+            "step": self.step,
+            "every": self.every,
+            "connected": self._sender.connected,
+            "acked": self._sender.acked,
+            "dropped": dict(self._sender.dropped),
+            "hooks": self._collector.num_hooks,
+        }
+
+    # ------------------------------------------------------------ internals
+
+    def _start(self, forward_order: list[str] | None) -> None:
+        """Queue run_start (seq 0) once: at the end of the first forward, or earlier if needed."""
+        if self._started:
+            return
+        self._started = True
+        optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]} if self.optimizer else set()
+        first = next(self.model.parameters(), None)
+        config = {
+            "every": self.every,
+            "every_mode": "fixed" if self._every_requested is not None else "default",
+            "grad_source": "optimizer step pre-hook (after unscaling and clipping)" if self.optimizer else "at log()",
+            "layerwatch": __version__,
+            "torch": torch.__version__,
+            "device": str(first.device) if first is not None else None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        self._sender.submit(
+            Frame(
+                "run_start",
+                0,
+                name=self.run,
+                project=self.project,
+                time=time.time(),
+                model=describe_model(self.model, forward_order, optimized),
+                optimizer=describe_optimizer(self.optimizer),
+                config=config,
+            )
+        )
+
+    def _emit_sample(self, sample: Sample) -> None:
+        self._start(self._collector.forward_order)
+        self._sender.submit(sample)
+
+    def _log(self, loss: Any, scalars: dict[str, Any]) -> None:
+        self._start(self._collector.forward_order)
+        values: dict[str, Any] = {}
+        for key, value in scalars.items():
+            number = self._number(key, value)
+            if number is not None:
+                values[key] = number
+        if loss is not None:
+            number = self._number("loss", loss)
+            if number is not None:
+                values["loss"] = number
+            step = self._loss_step()
+            self._last_step = step
+        else:
+            step = self._last_step if self._last_step is not None else 0
+        if self.optimizer is not None and loss is not None:
+            values.update(group_lrs(self.optimizer))
+        if values:
+            self._sender.submit(_Scalars(step, values))
+        if loss is not None and self.optimizer is None:
+            self._collector.finish_step_without_optimizer()
+
+    def _loss_step(self) -> int:
+        """The step a loss belongs to.
+
+        With an optimizer, the first `log(loss=...)` tells whether the user logs
+        after `opt.step()` (the usual loop: the loss is the step just taken) or
+        before it (the loss is the step in progress).
+        """
+        completed = self._collector.step
+        if self.optimizer is None:
+            return completed
+        if self._loss_after_step is None:
+            self._loss_after_step = completed > 0
+        return completed - 1 if self._loss_after_step and completed > 0 else completed
+
+    def _number(self, key: str, value: Any) -> float | _Deferred | None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                self._warn_once(
+                    f"shape:{key}",
+                    "layerwatch: %s must be a single number, but got a tensor of shape %s; dropped",
+                    key,
+                    tuple(value.shape),
+                )
+                return None
+            value = value.detach()
+            if value.device.type == "cuda":
+                return _Deferred(value)
+            return float(value)  # CPU: no device sync involved
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        self._warn_once(
+            f"type:{key}", "layerwatch: %s must be a number or a one-element tensor, but got %r; dropped", key, value
+        )
+        return None
+
+    def _warn_once(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args, exc_info=exc_info)
+
+
+class _Deferred:
+    """A CUDA scalar copied to pinned host memory without waiting; read in the sender thread."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        self._host.copy_(value, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def resolve(self) -> float:
+        self._event.synchronize()
+        return float(self._host)
+
+
+class _Scalars:
+    """A step's scalars; CUDA values are resolved in the sender thread."""
+
+    def __init__(self, step: int, values: dict[str, Any]) -> None:
+        self.step, self.values, self.time = step, values, time.time()
+
+    def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
+        values = {k: v.resolve() if isinstance(v, _Deferred) else v for k, v in self.values.items()}
+        return [("scalars", self.step, {"values": values, "time": self.time})]
+
+
+def _close_at_exit(mon: Monitor) -> Callable[[], None]:
+    """An atexit callback that closes `mon` if it is still alive, without keeping it alive."""
+    ref = weakref.ref(mon)
+
+    def close() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.close()
+
+    return close

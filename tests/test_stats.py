@@ -1,0 +1,100 @@
+"""client_hook.stats against a brute-force reference in plain Python/numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from client_hook import stats
+from client_hook.wire import HIST_BINS, STAT_FIELDS
+
+
+def reference(values: np.ndarray) -> tuple[dict[str, float], list[int]]:
+    """Statistics and histogram counts by their definitions, element by element."""
+    flat = [float(v) for v in values.reshape(-1)]
+    finite = [v for v in flat if math.isfinite(v)]
+    n, k = len(flat), len(finite)
+    out: dict[str, float] = {"numel": n, "nonfinite": n - k, "zero_frac": sum(v == 0 for v in flat) / n}
+    if k:
+        mean = sum(finite) / k
+        out.update(
+            mean=mean,
+            std=math.sqrt(sum((v - mean) ** 2 for v in finite) / k),
+            rms=math.sqrt(sum(v * v for v in finite) / k),
+            norm=math.sqrt(sum(v * v for v in finite)),
+            min=min(finite),
+            max=max(finite),
+        )
+        lo, hi = min(finite), max(finite)
+        counts = [0] * HIST_BINS
+        for v in finite:
+            b = 0 if hi == lo else min(int((v - lo) / (hi - lo) * HIST_BINS), HIST_BINS - 1)
+            counts[b] += 1
+    else:
+        out.update({f: float("nan") for f in ("mean", "std", "rms", "norm", "min", "max")})
+        counts = [0] * HIST_BINS
+    return out, counts
+
+
+def check(tensor: torch.Tensor) -> None:
+    row = stats.summarize(tensor).tolist()
+    got, lo, hi, counts = stats.unpack_row(row)
+    want, want_counts = reference(tensor.double().numpy())
+    for field in STAT_FIELDS:
+        if math.isnan(want[field]):
+            assert math.isnan(got[field]), field
+        else:
+            assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+    assert (lo, hi) == (pytest.approx(got["min"], nan_ok=True), pytest.approx(got["max"], nan_ok=True))
+    assert sum(counts) == tensor.numel() - want["nonfinite"]
+    # Bin edges computed in float32 on the device may move an element sitting on an
+    # edge to the neighbouring bin; allow that, nothing more.
+    assert sum(abs(a - b) for a, b in zip(counts, want_counts)) <= 2 * max(1, tensor.numel() // 1000)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (32, 17), (4, 3, 5, 5)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_tensors(shape: tuple[int, ...], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    check(torch.randn(shape, generator=g) * (seed + 1) * 3 + seed)
+
+
+def test_nan_and_inf_are_counted_not_averaged() -> None:
+    t = torch.tensor([1.0, float("nan"), 3.0, float("inf"), -float("inf"), 0.0])
+    check(t)
+    got, *_ = stats.unpack_row(stats.summarize(t).tolist())
+    assert got["nonfinite"] == 3 and got["mean"] == pytest.approx(4 / 3)
+
+
+def test_all_nonfinite_gives_nan_stats() -> None:
+    check(torch.tensor([float("nan"), float("inf")]))
+
+
+def test_zero_and_constant_tensors() -> None:
+    check(torch.zeros(10))
+    check(torch.full((5, 5), 2.5))
+    got, lo, hi, counts = stats.unpack_row(stats.summarize(torch.zeros(10)).tolist())
+    assert got["zero_frac"] == 1.0 and counts[0] == 10
+
+
+def test_empty_tensor() -> None:
+    got, lo, hi, counts = stats.unpack_row(stats.summarize(torch.empty(0, 3)).tolist())
+    assert got["numel"] == 0 and got["nonfinite"] == 0 and math.isnan(got["mean"]) and sum(counts) == 0
+
+
+def test_half_precision_is_upcast() -> None:
+    t = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    a = stats.unpack_row(stats.summarize(t.half()).tolist())[0]
+    b = stats.unpack_row(stats.summarize(t.half().float()).tolist())[0]
+    assert a == b
+
+
+def test_update_ratio() -> None:
+    before = torch.tensor([3.0, 4.0])
+    assert stats.update_ratio(before, torch.tensor([3.0, 4.5])).item() == pytest.approx(0.5 / 5)
+    assert stats.update_ratio(before, before.clone()).item() == 0.0
+    assert stats.update_ratio(torch.zeros(2), torch.zeros(2)).item() == 0.0
+    assert stats.update_ratio(torch.zeros(2), torch.ones(2)).item() == float("inf")
