@@ -38,7 +38,9 @@ class LiveHub:
 
     def __init__(self, queue_size: int = QUEUE_SIZE) -> None:
         self.queue_size = queue_size
-        self._queues: set[asyncio.Queue[str]] = set()
+        # Each queue with the event loop its dashboard's socket runs on: one loop
+        # under uvicorn, but a test client may run each socket on its own.
+        self._queues: dict[asyncio.Queue[str], asyncio.AbstractEventLoop] = {}
         self.dropped = 0
 
     @property
@@ -46,26 +48,37 @@ class LiveHub:
         return len(self._queues)
 
     def subscribe(self) -> asyncio.Queue[str]:
+        """A new dashboard's queue; call from the loop that will read it."""
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=self.queue_size)
-        self._queues.add(queue)
+        self._queues[queue] = asyncio.get_running_loop()
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
-        self._queues.discard(queue)
+        self._queues.pop(queue, None)
 
     def publish(self, events: list[dict[str, Any]]) -> None:
-        """Queue events for every dashboard; call from the event loop's thread."""
+        """Queue events for every dashboard; never blocks."""
         if not self._queues or not events:
             return
         texts = [json.dumps(json_safe(event), allow_nan=False) for event in events]
-        for queue in list(self._queues):
-            for text in texts:
-                try:
-                    queue.put_nowait(text)
-                except asyncio.QueueFull:
-                    if self.dropped == 0:
-                        log.warning("a dashboard is not keeping up; dropping live events for it")
-                    self.dropped += 1
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for queue, loop in list(self._queues.items()):
+            if loop is here:
+                self._offer(queue, texts)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(self._offer, queue, texts)
+
+    def _offer(self, queue: asyncio.Queue[str], texts: list[str]) -> None:
+        for text in texts:
+            try:
+                queue.put_nowait(text)
+            except asyncio.QueueFull:
+                if self.dropped == 0:
+                    log.warning("a dashboard is not keeping up; dropping live events for it")
+                self.dropped += 1
 
 
 def ingest_events(result: store.IngestResult, runs: list[store.RunInfo]) -> list[dict[str, Any]]:
@@ -100,16 +113,18 @@ def alert_event(alert: store.AlertInfo) -> dict[str, Any]:
 @router.websocket("/ws/live")
 async def live(websocket: WebSocket) -> None:
     hub: LiveHub = websocket.app.state.hub
-    await websocket.accept()
+    # Subscribed before the handshake completes, so no event after it is missed.
     queue = hub.subscribe()
+    sender: asyncio.Task[None] | None = None
 
     async def forward() -> None:
         while True:
             await websocket.send_text(await queue.get())
 
-    # Dashboards send nothing; reading is how a closed tab is noticed while no events flow.
-    sender = asyncio.create_task(forward())
     try:
+        await websocket.accept()
+        sender = asyncio.create_task(forward())
+        # Dashboards send nothing; reading is how a closed tab is noticed while no events flow.
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -118,6 +133,7 @@ async def live(websocket: WebSocket) -> None:
         pass
     finally:
         hub.unsubscribe(queue)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender

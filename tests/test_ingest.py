@@ -1,0 +1,185 @@
+"""/ws/ingest through a real app on a SQLite file: ack after store, idempotent replays,
+bad messages closing only their own connection, tokens, and NaN as data."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from client_hook import wire
+
+
+def send(ws: Any, frames: list[dict[str, Any]]) -> dict[str, Any]:
+    ws.send_text(json.dumps(wire.batch(frames)))
+    return ws.receive_json()
+
+
+def expect_close(ws: Any) -> tuple[str, int]:
+    """The error text the server sent and the close code that followed it."""
+    answer = ws.receive_json()
+    assert answer["kind"] == "error", answer
+    with pytest.raises(WebSocketDisconnect) as closed:
+        ws.receive_text()
+    return answer["error"], closed.value.code
+
+
+def all_seqs(frames: list[dict[str, Any]]) -> dict[str, list[int]]:
+    seqs: dict[str, list[int]] = {}
+    for f in frames:
+        seqs.setdefault(f["run_id"], []).append(f["seq"])
+    return seqs
+
+
+def test_a_batch_is_acked_with_its_seqs_and_readable_over_rest(client: TestClient, run_frames: Any) -> None:
+    frames = run_frames(steps=3)
+    with client.websocket_connect("/ws/ingest") as ws:
+        assert send(ws, frames) == wire.ack(all_seqs(frames))
+
+    (run,) = client.get("/api/runs").json()
+    assert (run["id"], run["status"], run["last_step"], run["every"]) == ("run-1", "finished", 2, 1)
+    assert client.get("/api/runs/run-1/scalars", params={"key": "loss"}).json()["values"] == [2.0, 1.0, 2.0 / 3]
+    hist = client.get("/api/runs/run-1/histograms", params={"layer": "encoder", "param": "weight", "kind": "grad"})
+    assert hist.json()["counts"] == [[s] * wire.HIST_BINS for s in range(3)]
+    stats = client.get("/api/runs/run-1/layer_stats", params={"layer": "act", "param": "output", "kind": "activation"})
+    assert stats.json()["norm"] == [1.0, 2.0, 3.0]
+
+
+def test_a_replayed_batch_is_acked_again_and_stored_once(client: TestClient, run_frames: Any) -> None:
+    frames = run_frames(steps=2, end=False)
+    with client.websocket_connect("/ws/ingest") as ws:
+        first = send(ws, frames)
+        # The client lost the ack and sends everything again, plus one new frame.
+        more = [*frames, wire.frame("scalars", run_id="run-1", seq=len(frames), step=2, values={"loss": 0.5}, time=2.0)]
+        second = send(ws, more)
+    assert first == wire.ack(all_seqs(frames))
+    assert second == wire.ack(all_seqs(more))
+    loss = client.get("/api/runs/run-1/scalars", params={"key": "loss"}).json()
+    assert loss == {"key": "loss", "steps": [0, 1, 2], "values": [2.0, 1.0, 0.5]}
+    assert client.get("/api/runs/run-1").json()["last_loss"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("message", "expected", "code"),
+    [
+        (lambda f: f.pop("step"), "frame 1 ('scalars'): missing field 'step'", 1008),
+        (lambda f: f.update(kind="bogus"), "'kind' must be one of", 1008),
+        ("{not json", "message is not valid JSON", 1008),
+        (b"\x00binary", "binary messages are not accepted", 1008),
+    ],
+)
+def test_a_bad_message_closes_only_its_connection_and_loses_nothing(
+    client: TestClient, run_frames: Any, message: Any, expected: str, code: int
+) -> None:
+    stored = run_frames(run_id="stored-before", steps=2)
+    with client.websocket_connect("/ws/ingest") as other:
+        assert send(other, stored)["kind"] == "ack"
+        with client.websocket_connect("/ws/ingest") as ws:
+            mine = run_frames(run_id="mine", steps=1, end=False)
+            assert send(ws, mine)["kind"] == "ack"
+            if callable(message):
+                bad = [
+                    wire.frame(
+                        "run_start", run_id="bad", seq=0, step=0, name="b", project="p", time=1.0, model={"modules": []}
+                    ),
+                    wire.frame("scalars", run_id="bad", seq=1, step=0, values={"loss": 1.0}, time=1.0),
+                ]
+                message(bad[1])
+                ws.send_text(json.dumps(wire.batch(bad)))
+            elif isinstance(message, bytes):
+                ws.send_bytes(message)
+            else:
+                ws.send_text(message)
+            text, closed_with = expect_close(ws)
+        assert expected in text
+        assert closed_with == code
+        # The other connection goes on.
+        later = [wire.frame("scalars", run_id="stored-before", seq=len(stored), step=5, values={"loss": 0.1}, time=3.0)]
+        assert send(other, later) == wire.ack({"stored-before": [len(stored)]})
+
+    runs = {run["id"]: run for run in client.get("/api/runs").json()}
+    assert set(runs) == {"stored-before", "mine"}  # nothing of the bad batch
+    assert client.get("/api/runs/stored-before/scalars", params={"key": "loss"}).json()["steps"] == [0, 1, 5]
+    assert client.get("/api/runs/mine/scalars", params={"key": "loss"}).json()["steps"] == [0]
+
+
+def test_an_oversize_message_is_refused_naming_size_and_limit(make_client: Any, run_frames: Any) -> None:
+    client = make_client(max_message_bytes=2000)
+    text = json.dumps(wire.batch(run_frames(steps=3)))
+    with client.websocket_connect("/ws/ingest") as ws:
+        ws.send_text(text)
+        error, code = expect_close(ws)
+    assert f"message of {len(text)} bytes is over this server's limit of 2000 bytes" in error
+    assert code == 1009
+    assert client.get("/api/runs").json() == []
+
+
+def test_an_unknown_run_is_rejected_and_nothing_of_its_batch_is_stored(client: TestClient, run_frames: Any) -> None:
+    good = run_frames(run_id="good", steps=1, end=False)
+    orphan = wire.frame("scalars", run_id="orphan", seq=0, step=0, values={"loss": 1.0}, time=1.0)
+    with client.websocket_connect("/ws/ingest") as ws:
+        ws.send_text(json.dumps(wire.batch([*good, orphan])))
+        text, code = expect_close(ws)
+    assert text == "unknown run 'orphan': send a 'run_start' frame first"
+    assert code == 1008
+    assert client.get("/api/runs").json() == []  # the good run's frames shared the batch: rolled back too
+    # ... and a run_start later in the batch than the data does not count.
+    with client.websocket_connect("/ws/ingest") as ws:
+        ws.send_text(json.dumps(wire.batch([good[1], good[0]])))
+        text, _ = expect_close(ws)
+    assert "unknown run 'good'" in text
+
+
+def test_a_token_is_required_when_configured(make_client: Any, run_frames: Any) -> None:
+    client = make_client(token="s3cret")
+    frames = run_frames(steps=1)
+    with client.websocket_connect("/ws/ingest") as ws:
+        text, code = expect_close(ws)
+    assert "requires a token" in text and code == 1008
+    with client.websocket_connect("/ws/ingest", headers={"Authorization": "Bearer wrong"}) as ws:
+        assert expect_close(ws)[1] == 1008
+    with client.websocket_connect("/ws/ingest", headers={"Authorization": "Bearer s3cret"}) as ws:
+        assert send(ws, frames[:2])["kind"] == "ack"
+    with client.websocket_connect("/ws/ingest?token=s3cret") as ws:
+        assert send(ws, frames[2:])["kind"] == "ack"
+    assert client.get("/api/runs/run-1").json()["status"] == "finished"
+
+
+def test_a_nan_loss_is_stored_and_served_as_null(client: TestClient, run_frames: Any) -> None:
+    frames = run_frames(steps=1, end=False)
+    frames.append(
+        wire.frame(
+            "scalars", run_id="run-1", seq=len(frames), step=1, values={"loss": math.nan, "big": math.inf}, time=2.0
+        )
+    )
+    with client.websocket_connect("/ws/ingest") as ws:
+        ws.send_text(json.dumps(wire.batch(frames)))  # json.dumps writes NaN/Infinity tokens
+        assert ws.receive_json()["kind"] == "ack"
+    assert client.get("/api/runs/run-1/scalars", params={"key": "loss"}).json()["values"] == [2.0, None]
+    assert client.get("/api/runs/run-1/scalars", params={"key": "big"}).json()["values"] == [None]
+    run = client.get("/api/runs/run-1").json()
+    assert run["last_loss"] is None and run["last_step"] == 1
+
+
+def test_dashboards_hear_committed_batches_live(client: TestClient, run_frames: Any) -> None:
+    frames = run_frames(steps=2, end=False)
+    frames.append(wire.frame("scalars", run_id="run-1", seq=len(frames), step=2, values={"loss": math.nan}, time=2.0))
+    with client.websocket_connect("/ws/live") as live, client.websocket_connect("/ws/ingest") as ws:
+        assert send(ws, frames)["kind"] == "ack"
+        events = [json.loads(live.receive_text()) for _ in range(4)]  # strict JSON: no NaN tokens
+    by_type = {(e["type"], e.get("key")): e for e in events}
+    assert by_type[("run", None)]["run"]["id"] == "run-1"
+    assert by_type[("run", None)]["run"]["last_step"] == 2
+    assert by_type[("scalars", "loss")] == {
+        "type": "scalars",
+        "run_id": "run-1",
+        "key": "loss",
+        "steps": [0, 1, 2],
+        "values": [2.0, 1.0, None],
+    }
+    assert by_type[("scalars", "lr")]["steps"] == [0, 1]
+    assert by_type[("layer_stats", None)] == {"type": "layer_stats", "run_id": "run-1", "steps": [0, 1]}

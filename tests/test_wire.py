@@ -1,0 +1,82 @@
+"""The wire schema: every frame kind is accepted as built, and each kind of mistake is named."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+
+from client_hook import wire
+
+
+def test_every_frame_kind_of_a_run_validates(run_frames: Any) -> None:
+    frames = run_frames()
+    assert {f["kind"] for f in frames} == set(wire.FRAME_KINDS)
+    for f in frames:
+        assert wire.validate_frame(f) is f
+    assert wire.validate_batch(wire.batch(frames)) == frames
+
+
+def test_nan_and_infinity_are_data_not_errors(run_frames: Any) -> None:
+    f = wire.frame("scalars", run_id="r", seq=1, step=0, values={"loss": math.nan, "grad_norm": math.inf}, time=1.0)
+    wire.validate_frame(f)
+    stats = run_frames()[2]
+    stats["rows"][0][wire.LAYER_STAT_COLUMNS.index("mean")] = math.nan
+    stats["rows"][0][wire.LAYER_STAT_COLUMNS.index("max")] = -math.inf
+    wire.validate_frame(stats)
+
+
+def _broken(run_frames: Any, index: int, change: Any) -> dict[str, Any]:
+    f = copy.deepcopy(run_frames(steps=1)[index])
+    change(f)
+    return f
+
+
+@pytest.mark.parametrize(
+    ("index", "change", "expected"),
+    [
+        (1, lambda f: f.pop("step"), "missing field 'step'"),
+        (1, lambda f: f.update(step="3"), "'step' must be a non-negative integer, but got '3'"),
+        (1, lambda f: f.update(step=True), "'step' must be a non-negative integer, but got True"),
+        (1, lambda f: f.update(kind="bogus"), "'kind' must be one of"),
+        (1, lambda f: f.update(protocol=99), "'protocol' must be 1"),
+        (1, lambda f: f.update(values={"loss": True}), "'loss': True is not"),
+        (1, lambda f: f.update(values={"loss": "1.5"}), "'loss': '1.5' is not"),
+        (0, lambda f: f.pop("model"), "'run_start' frame is missing field 'model'"),
+        (0, lambda f: f.update(model={"layers": []}), "'model' must be an object with a 'modules' list"),
+        (2, lambda f: f["rows"][0].pop(), "row 0 is"),
+        (2, lambda f: f["rows"][0].__setitem__(2, "bogus"), "'kind' must be one of ['weight', 'grad', 'activation']"),
+        (2, lambda f: f["rows"][0].__setitem__(3, True), "'mean' must be a number or null, but got True"),
+        (2, lambda f: f["rows"][0].__setitem__(11, 1.5), "'numel' must be a non-negative integer, but got 1.5"),
+        (3, lambda f: f["rows"][0][5].pop(), "'counts' must be a list of 32 non-negative integers"),
+        (4, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
+    ],
+)
+def test_bad_frames_are_rejected_naming_field_and_value(
+    run_frames: Any, index: int, change: Any, expected: str
+) -> None:
+    bad = _broken(run_frames, index, change)
+    with pytest.raises(wire.SchemaError) as info:
+        wire.validate_frame(bad)
+    assert expected in str(info.value)
+    # In a batch, the error also says which frame it is.
+    frames = run_frames(steps=1)  # run_start, scalars, layer_stats, histograms, run_end
+    frames[index] = bad
+    with pytest.raises(wire.SchemaError, match=rf"^frame {index}"):
+        wire.validate_batch(wire.batch(frames))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ([], "a message must be an object"),
+        ({"protocol": 2, "frames": []}, "unsupported protocol version 2"),
+        ({"protocol": 1, "frames": []}, "'frames' must be a non-empty list"),
+        ({"protocol": 1, "frames": [42]}, "frame 0: a frame must be an object, but got 42"),
+    ],
+)
+def test_bad_envelopes_are_rejected(message: Any, expected: str) -> None:
+    with pytest.raises(wire.SchemaError, match=expected.replace("(", r"\(")):
+        wire.validate_batch(message)
