@@ -197,8 +197,13 @@ class Sender:
                 excess -= len(victims)
 
     def _connect(self) -> bool:
+        import inspect
+
         from websockets.sync.client import connect  # imported here: only this thread needs it
 
+        # websockets >= 16 wants `legacy=True` to return a plain connection (no auto-reconnect:
+        # replay after reconnect is ours, driven by acks).
+        legacy = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
             self._ws = connect(
@@ -209,6 +214,7 @@ class Sender:
                 compression=None,  # frames are small and the CPU is the training's
                 max_size=wire.MAX_MESSAGE_BYTES,
                 proxy=None,
+                **legacy,
             )
         except Exception as exc:
             self._warn_once(
