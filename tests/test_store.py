@@ -1,0 +1,151 @@
+"""server.store directly on a SQLite file: WAL on, idempotent batches, binary histograms, run lookups."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from client_hook import wire
+from server import store
+from server.db import init_db, make_engine, make_session_factory
+from server.tables import Alert, LayerStat, ReceivedFrame, Scalar
+
+
+@pytest.fixture
+def session(db_url: str) -> Iterator[Session]:
+    engine = make_engine(db_url)
+    init_db(engine)
+    with make_session_factory(engine)() as session:
+        yield session
+    engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(session: Session) -> None:
+    assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    assert session.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    assert session.execute(text("PRAGMA busy_timeout")).scalar() == 10000
+
+
+def test_layer_stat_columns_are_the_wire_names() -> None:
+    assert tuple(LayerStat.__table__.columns.keys())[2:] == wire.LAYER_STAT_COLUMNS
+
+
+def test_histogram_counts_round_trip_through_the_binary_column(session: Session, run_frames: Any) -> None:
+    frames = run_frames(steps=1, end=False)
+    counts = [0, 1, 2**31, 2**32 - 1] + list(range(wire.HIST_BINS - 4))
+    frames.append(
+        wire.frame(
+            "histograms",
+            run_id="run-1",
+            seq=len(frames),
+            step=7,
+            rows=[["encoder", "bias", "weight", -0.5, math.inf, counts]],
+        )
+    )
+    store.ingest_batch(session, frames=frames)
+    blob = session.execute(text("SELECT counts FROM histograms WHERE param = 'bias'")).scalar()
+    assert isinstance(blob, bytes) and len(blob) == 4 * wire.HIST_BINS
+    series = store.histogram_series(session, run_id="run-1", layer="encoder", param="bias", kind="weight")
+    assert series["steps"] == [7] and series["counts"] == [counts]
+    assert series["lo"] == [-0.5] and series["hi"] == [math.inf]  # infinity is stored as is
+
+
+def test_a_batch_reports_what_changed_and_replays_store_nothing_twice(session: Session, run_frames: Any) -> None:
+    frames = run_frames(steps=2, end=False)
+    result = store.ingest_batch(session, frames=frames)
+    assert result.acked == {"run-1": list(range(len(frames)))}
+    assert result.changed_runs == ["run-1"]
+    assert result.scalar_points[("run-1", "loss")] == ([0, 1], [2.0, 1.0])
+    assert result.stat_steps == {"run-1": [0, 1]}
+    assert result.stored_frames == len(frames)
+
+    again = store.ingest_batch(session, frames=frames)
+    assert again.acked == result.acked
+    assert (again.stored_frames, again.replayed_frames, again.changed_runs) == (0, len(frames), [])
+    assert session.query(ReceivedFrame).count() == len(frames)
+    assert session.query(Scalar).count() == 4
+
+
+def test_a_value_sent_again_under_a_new_seq_replaces_the_old_one(session: Session, run_frames: Any) -> None:
+    frames = run_frames(steps=1, end=False)
+    store.ingest_batch(session, frames=frames)
+    n = len(frames)
+    store.ingest_batch(
+        session,
+        frames=[
+            wire.frame("scalars", run_id="run-1", seq=n, step=0, values={"loss": 9.0}, time=1.0),
+            wire.frame("scalars", run_id="run-1", seq=n + 1, step=0, values={"loss": 8.0}, time=1.0),
+        ],
+    )
+    assert store.scalar_series(session, run_id="run-1", key="loss") == ([0], [8.0])
+
+
+def test_an_unknown_run_rolls_the_whole_batch_back(session: Session, run_frames: Any) -> None:
+    frames = [*run_frames(steps=1), wire.frame("run_end", run_id="ghost", seq=0, step=0, status="crashed", time=1.0)]
+    with pytest.raises(store.UnknownRunError, match="unknown run 'ghost': send a 'run_start' frame first"):
+        store.ingest_batch(session, frames=frames)
+    assert store.list_runs(session) == []
+    assert session.query(ReceivedFrame).count() == 0
+
+
+def test_run_lifecycle_lookups_and_filters(session: Session, run_frames: Any) -> None:
+    store.ingest_batch(session, frames=run_frames(run_id="a", name="same", steps=2, end=False), now=10.0)
+    later = run_frames(run_id="b", name="same", steps=1)
+    later[0]["time"] = 2000.0
+    store.ingest_batch(session, frames=later, now=20.0)
+    store.ingest_batch(session, frames=[{**run_frames(run_id="c", name="other")[0], "project": "elsewhere"}])
+
+    a = store.get_run(session, run_id="a")
+    assert a is not None
+    assert (a.status, a.last_step, a.last_loss, a.every, a.updated_at, a.project) == (
+        "running",
+        1,
+        1.0,
+        1,
+        10.0,
+        "proj",
+    )
+    assert a.alert_counts == {"info": 0, "warning": 0, "critical": 0}
+    b = store.get_run(session, run_id="b")
+    assert b is not None and (b.status, b.finished_at) == ("finished", 2000.0)
+
+    assert [r.id for r in store.list_runs(session, project="proj")] == ["b", "a"]  # newest first
+    assert [r.id for r in store.list_runs(session, name="other")] == ["c"]
+    found = store.find_run(session, id_or_name="same")
+    assert found is not None and found.id == "b"
+    found = store.find_run(session, id_or_name="a")
+    assert found is not None and found.id == "a"
+    assert store.find_run(session, id_or_name="nope") is None
+    assert store.get_run(session, run_id="nope") is None
+
+
+def test_alerts_are_listed_and_counted(session: Session, run_frames: Any) -> None:
+    store.ingest_batch(session, frames=run_frames(steps=1))
+    for i, (rule, severity) in enumerate([("dead_relu", "warning"), ("nan_loss", "critical"), ("lr_high", "warning")]):
+        session.add(
+            Alert(
+                run_id="run-1",
+                rule=rule,
+                severity=severity,
+                layer="act" if i == 0 else None,
+                first_step=5 - i,
+                last_step=9,
+                count=2,
+                message=f"{rule} message",
+                remedy="do this",
+                evidence={"ratio": 0.5},
+                created_at=1.0,
+                updated_at=2.0,
+            )
+        )
+    session.commit()
+    run = store.get_run(session, run_id="run-1")
+    assert run is not None and run.alert_counts == {"info": 0, "warning": 2, "critical": 1}
+    alerts = store.list_alerts(session, run_id="run-1")
+    assert [a.rule for a in alerts] == ["lr_high", "nan_loss", "dead_relu"]  # by first step
+    assert alerts[2].layer == "act" and alerts[2].evidence == {"ratio": 0.5}
