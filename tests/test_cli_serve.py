@@ -1,0 +1,69 @@
+"""`layerwatch serve` as a real process: it answers health, ingests over a real websocket, serves the data back."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.sync.client import connect
+
+from client_hook import wire
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(base: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stdout.read().decode()}")  # type: ignore[union-attr]
+        try:
+            return httpx.get(f"{base}/api/health", timeout=1.0).json()
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"no answer from {base} within {timeout} s")
+
+
+def test_serve_ingests_and_serves_back(tmp_path: Path, run_frames: Any) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port), "--db", f"sqlite:///{tmp_path}/x.db"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_for_health(base, process)["protocol"] == wire.PROTOCOL_VERSION
+        frames = run_frames(steps=2)
+        with connect(f"ws://127.0.0.1:{port}/ws/ingest") as ws:
+            ws.send(json.dumps(wire.batch(frames)))
+            assert json.loads(ws.recv(timeout=10)) == wire.ack({"run-1": [f["seq"] for f in frames]})
+        runs = httpx.get(f"{base}/api/runs").json()
+        assert [(r["id"], r["status"], r["last_step"]) for r in runs] == [("run-1", "finished", 1)]
+        loss = httpx.get(f"{base}/api/runs/run-1/scalars", params={"key": "loss"}).json()
+        assert loss["values"] == [2.0, 1.0]
+    finally:
+        process.terminate()
+        try:
+            output = process.communicate(timeout=10)[0].decode()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0].decode()
+    assert f"layerwatch dashboard: http://127.0.0.1:{port}/" in output
+    # A clean shutdown: uvicorn finishes, then re-raises the SIGTERM it caught.
+    assert "Application shutdown complete" in output, output
+    assert process.returncode in (0, -signal.SIGTERM), output
