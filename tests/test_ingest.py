@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -183,3 +184,20 @@ def test_dashboards_hear_committed_batches_live(client: TestClient, run_frames: 
     }
     assert by_type[("scalars", "lr")]["steps"] == [0, 1]
     assert by_type[("layer_stats", None)] == {"type": "layer_stats", "run_id": "run-1", "steps": [0, 1]}
+
+
+def test_concurrent_clients_all_get_stored(client: TestClient, run_frames: Any) -> None:
+    def train(run_id: str) -> list[dict[str, Any]]:
+        frames = run_frames(run_id=run_id, steps=8)
+        answers = []
+        with client.websocket_connect("/ws/ingest") as ws:
+            for i in range(0, len(frames), 3):  # many small batches, interleaved with the other clients'
+                answers.append(send(ws, frames[i : i + 3]))
+        return answers
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(train, [f"run-{i}" for i in range(4)]))
+    assert all(answer["kind"] == "ack" for answers in results for answer in answers)
+    runs = client.get("/api/runs").json()
+    stored = sorted((r["id"], r["status"], r["last_step"]) for r in runs)
+    assert stored == [(f"run-{i}", "finished", 7) for i in range(4)]
