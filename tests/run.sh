@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command (README.md; .ci/run calls exactly this): installs what the
+# suite needs on a fresh machine, idempotently, then lints and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The browser tests drive Debian's Chromium (never a browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/run.sh: the browser tests need Chromium: run 'sudo apt-get install -y chromium' first" >&2
+    exit 1
+  fi
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch first, pinned to the CPU wheel: left to the project's range, pip would
+# pick a CUDA build of several GB.
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e '.[dev]'
+
+.venv/bin/ruff check .
+# pytest exits non-zero on any failure and with 5 when no test ran: both fail this script.
+exec .venv/bin/python -m pytest "$@"
