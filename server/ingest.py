@@ -67,14 +67,21 @@ def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
         batch = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadMessage(f"message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadMessage("message is nested too deeply to be a batch") from None
     try:
         return wire.validate_batch(batch)
     except wire.SchemaError as exc:
         raise BadMessage(str(exc)) from None
 
 
-def _store(sessions: sessionmaker[Session], frames: list[dict[str, Any]]) -> tuple[store.IngestResult, list[Any]]:
-    """Runs in a worker thread: commit the batch, then read the changed runs for the live push."""
+def _receive(
+    sessions: sessionmaker[Session], message: dict[str, Any], limit: int
+) -> tuple[store.IngestResult, list[store.RunInfo]]:
+    """Runs in a worker thread: parse and validate (a 16 MB batch takes a while to parse;
+    the event loop keeps serving dashboards meanwhile), commit the batch, then read
+    the changed runs for the live push."""
+    frames = _parse(message, limit)
     with WRITE_LOCK, sessions() as session:
         result = store.ingest_batch(session, frames=frames)
     with sessions() as session:
@@ -112,8 +119,7 @@ async def ingest(websocket: WebSocket) -> None:
             log.info("ingest connection from %s closed", websocket.client)
             return
         try:
-            frames = _parse(message, settings.max_message_bytes)
-            result, runs = await run_in_threadpool(_store, sessions, frames)
+            result, runs = await run_in_threadpool(_receive, sessions, message, settings.max_message_bytes)
         except BadMessage as exc:
             await _reject(websocket, str(exc), exc.code)
             return
@@ -125,4 +131,5 @@ async def ingest(websocket: WebSocket) -> None:
             await _reject(websocket, f"the server could not store this batch: {exc}", status.WS_1011_INTERNAL_ERROR)
             return
         await websocket.send_json(wire.ack(result.acked))
+        log.debug("stored %d frames, %d replayed", result.stored_frames, result.replayed_frames)
         hub.publish(ingest_events(result, runs))
