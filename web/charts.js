@@ -23,6 +23,16 @@ export const LOG_STATS = new Set(["norm", "rms", "std", "update_ratio", "numel"]
 // size (CS231n "Neural Networks Part 3", ratio of updates to values).
 export const UPDATE_RATIO_GUIDE = 1e-3;
 
+// Histogram counts: zero is the page's background, dense bins glow (magma-like).
+const COUNT_SCALE = [
+  [0, "#0d1117"],
+  [0.12, "#2c115f"],
+  [0.35, "#721f81"],
+  [0.6, "#d3436e"],
+  [0.82, "#fd9f6c"],
+  [1, "#fcfdbf"],
+];
+
 const PLOT_CONFIG = { responsive: true, displaylogo: false, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 
 function baseLayout(extra = {}) {
@@ -161,7 +171,17 @@ export function renderScalars(div, { scalars, keys, alerts, logY }) {
   });
   layout.yaxis = { ...layout.yaxis, type: logY ? "log" : "linear", title: { text: "loss" } };
   if (hasRight) {
-    layout.yaxis2 = { overlaying: "y", side: "right", showgrid: false, automargin: true, zeroline: false, exponentformat: "e" };
+    const right = keys.filter((k) => scalarAxis(k) === "y2").map(escapeHtml).join(", ");
+    layout.yaxis2 = {
+      overlaying: "y",
+      side: "right",
+      tickmode: "auto",
+      showgrid: false,
+      automargin: true,
+      zeroline: false,
+      exponentformat: "e",
+      title: { text: right },
+    };
   }
   return Plotly.react(div, traces, layout, PLOT_CONFIG);
 }
@@ -228,7 +248,7 @@ export function renderHeatmap(div, heat, options) {
     xgap: 0,
     ygap: 1,
     colorbar: {
-      title: { text: options.title, side: "right" },
+      title: { text: options.title, side: "top", font: { size: 11 } },
       thickness: 12,
       outlinewidth: 0,
       tickfont: { size: 10 },
@@ -317,8 +337,9 @@ export function renderHistogram(div, hist, stats, label) {
       text: z.map((row, j) =>
         row.map((c) => `${formatNumber(centers[j] - width / 2)} … ${formatNumber(centers[j] + width / 2)}: ${c === null ? "no finite values" : `≈${Math.round(c)}`}`),
       ),
-      colorscale: "Magma",
-      colorbar: { title: { text: "log10(1+count)", side: "right" }, thickness: 12, outlinewidth: 0, len: 0.75, y: 0, yanchor: "bottom" },
+      colorscale: COUNT_SCALE,
+      zmin: 0,
+      colorbar: { title: { text: "log10<br>(1+count)", side: "top" }, thickness: 12, outlinewidth: 0, len: 0.76, y: 0, yanchor: "bottom" },
       hovertemplate: `${safeLabel}<br>step %{x}<br>%{text}<extra></extra>`,
       yaxis: "y",
     });

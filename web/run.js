@@ -173,10 +173,10 @@ function onScalars(event) {
 
 function heatOptions(kind, stat) {
   const log = LOG_STATS.has(stat);
-  const options = { log, title: `${log ? "log10 " : ""}${kind} ${stat}`, empty: `No ${kind} ${stat} recorded yet` };
-  if (stat === "zero_frac") Object.assign(options, { zmin: 0, zmax: 1, title: `${kind} zero_frac<br>(dead fraction)` });
+  const options = { log, title: `${kind}<br>${stat}${log ? "<br>(log10)" : ""}`, empty: `No ${kind} ${stat} recorded yet` };
+  if (stat === "zero_frac") Object.assign(options, { zmin: 0, zmax: 1, title: `${kind}<br>zero_frac<br>(dead)` });
   if (stat === "mean") Object.assign(options, { colorscale: "RdBu", zmid: 0 });
-  if (stat === "nonfinite") Object.assign(options, { colorscale: [[0, "#1c2128"], [1, "#f85149"]], title: `${kind} nonfinite<br>(NaN/Inf count)` });
+  if (stat === "nonfinite") Object.assign(options, { colorscale: [[0, "#1c2128"], [1, "#f85149"]], title: `${kind}<br>nonfinite<br>(NaN/Inf)` });
   return options;
 }
 
@@ -245,7 +245,7 @@ async function loadUpdateHeatmap(gen) {
       [0.5, "#3fb950"],
       [1, "#f85149"],
     ],
-    title: "log10 update_ratio<br>guide 1e-3",
+    title: "update_ratio<br>(log10;<br>1e-3 guide)",
     empty: "No update ratios yet (they need an optimizer)",
   });
   wireClicks("heatmap-update", () => S.updateData);
