@@ -18,6 +18,7 @@ monitor. A hook that fails logs once and goes quiet.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from client_hook import stats
 from client_hook.model_info import param_owners
+from client_hook.sampling import Schedule
 from client_hook.wire import ACTIVATION_PARAM
 
 log = logging.getLogger("layerwatch")
@@ -98,11 +100,11 @@ class Collector:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         *,
-        every: int,
+        schedule: Schedule,
         emit: Callable[[Sample], None],
         on_forward_order: Callable[[list[str]], None],
     ) -> None:
-        self.model, self.optimizer, self.every = model, optimizer, every
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self._emit = emit
         self._on_forward_order = on_forward_order
         self.step = 0  # the step in progress = optimizer steps completed so far
@@ -117,6 +119,7 @@ class Collector:
         self._grads: list[tuple[Row, torch.Tensor]] = []
         self._snapshots: dict[int, torch.Tensor] = {}
         self._subsets: dict[int, torch.Tensor] = {}
+        self._ready: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
         self._quiet: set[str] = set()
         self._watch_forward_order()
         if optimizer is not None:
@@ -128,7 +131,7 @@ class Collector:
     # ------------------------------------------------------------ public
 
     def is_sampled(self, step: int) -> bool:
-        return step % self.every == 0
+        return self.schedule.is_due(step)
 
     def remove(self) -> None:
         """Remove every hook this collector registered; safe to call twice."""
@@ -145,15 +148,17 @@ class Collector:
 
     def finish_step_without_optimizer(self) -> None:
         """Without an optimizer, `mon.log(loss=...)` ends a step: sample it if due, then advance."""
-        if self.is_sampled(self.step) and "optimizer" not in self._quiet:
-            try:
-                with torch.no_grad():
-                    self._read_grads()
-                    self._emit_sample(with_ratios=False)
-            except Exception:
-                self._go_quiet("optimizer")
+        sampled = self.is_sampled(self.step)
+        if sampled and "optimizer" not in self._quiet:
+            self._timed(self._sample_without_optimizer)
+        self.schedule.end_step(self.step, sampled)
+        self._timed(self._emit_ready)
         self.step += 1
         self._arm_if_sampled()
+
+    def _sample_without_optimizer(self) -> None:
+        self._read_grads()
+        self._summarize_step(with_ratios=False)
 
     # ------------------------------------------------------------ forward order
 
@@ -229,13 +234,13 @@ class Collector:
                 self._snapshots[id(param)] = self._subset(param).clone()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.is_sampled(self.step) and "optimizer" not in self._quiet:
-            try:
-                with torch.no_grad():
-                    self._emit_sample(with_ratios=True)
-            except Exception:
-                self._go_quiet("optimizer")
+        sampled = self.is_sampled(self.step)
+        if sampled and "optimizer" not in self._quiet:
+            self._timed(self._summarize_step, with_ratios=True)
         self._snapshots = {}
+        self.schedule.end_step(self.step, sampled)
+        # Emitted after planning, so the sample carries the interval now in force.
+        self._timed(self._emit_ready)
         self.step += 1
         try:
             self._arm_if_sampled()
@@ -254,7 +259,8 @@ class Collector:
             self._subsets[id(param)] = index
         return flat[index]
 
-    def _emit_sample(self, *, with_ratios: bool) -> None:
+    def _summarize_step(self, *, with_ratios: bool) -> None:
+        """Summary rows of this step's activations, gradients and weights, still on device."""
         by_device: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
 
         def add(row: Row, summary: torch.Tensor, ratio: torch.Tensor | None) -> None:
@@ -274,8 +280,13 @@ class Collector:
             ratio = stats.update_ratio(before, self._subset(param)) if before is not None else None
             add((layer, pname, "weight"), stats.summarize(param), ratio)
         self._activations, self._grads = {}, []
-        for rows, summaries, ratios in by_device.values():  # one copy per device, usually one
-            self._emit(Sample(self.step, self.every, rows, summaries, ratios))
+        self._ready = by_device
+
+    def _emit_ready(self) -> None:
+        """Hand the summarized step to the sender: one device-to-host copy per device, usually one."""
+        ready, self._ready = self._ready, {}
+        for rows, summaries, ratios in ready.values():
+            self._emit(Sample(self.step, self.schedule.every, rows, summaries, ratios))
 
     # ------------------------------------------------------------ failure policy
 
@@ -289,14 +300,20 @@ class Collector:
         def hook(*args: Any) -> None:
             if part in self._quiet or (training_only and not torch.is_grad_enabled()):
                 return None
-            try:
-                with torch.no_grad():
-                    fn(*args)
-            except Exception:
-                self._go_quiet(part)
+            self._timed(fn, *args, part=part)
             return None  # hooks only observe: returning None leaves outputs untouched
 
         return hook
+
+    def _timed(self, fn: Callable[..., None], *args: Any, part: str = "optimizer", **kwargs: Any) -> None:
+        """Run hook work under no_grad, never raising; its time feeds the adaptive budget."""
+        started = time.perf_counter()  # ~0.1 µs; nothing synchronises with the device
+        try:
+            with torch.no_grad():
+                fn(*args, **kwargs)
+        except Exception:
+            self._go_quiet(part)
+        self.schedule.add_hook_time(time.perf_counter() - started)
 
     def _go_quiet(self, part: str) -> None:
         self._quiet.add(part)

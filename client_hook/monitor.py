@@ -31,14 +31,12 @@ from torch import nn
 from client_hook import __version__
 from client_hook.collector import Collector, Sample
 from client_hook.model_info import describe_model, describe_optimizer, group_lrs
+from client_hook.sampling import DEFAULT_OVERHEAD, Schedule
 from client_hook.sender import Frame, Sender
 
 log = logging.getLogger("layerwatch")
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-# Sampling interval when `every=None`. The adaptive, cost-budgeted choice
-# (DESIGN: "None = adaptive") replaces this constant with issue 6.
-DEFAULT_EVERY = 10
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
 
 _attached: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
@@ -54,6 +52,7 @@ def attach(
     token: str | None = None,
     every: int | None = None,
     on_alert: Callable[[dict[str, Any]], None] | None = None,
+    overhead: float = DEFAULT_OVERHEAD,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`'s steps); returns at once.
@@ -67,6 +66,8 @@ def attach(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"every must be a positive integer or None, but got {every!r}")
+    if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 < overhead < 1:
+        raise ValueError(f"overhead must be a fraction of step time in (0, 1), but got {overhead!r}")
     if not isinstance(project, str) or not project:
         raise ValueError(f"project must be a non-empty string, but got {project!r}")
     if run is not None and (not isinstance(run, str) or not run):
@@ -83,7 +84,7 @@ def attach(
         run=run or time.strftime("run-%Y%m%d-%H%M%S"),
         project=project,
         token=token or os.environ.get("LAYERWATCH_TOKEN"),
-        every=every,
+        schedule=Schedule(every, overhead),
         on_alert=on_alert,
         close_timeout=close_timeout,
     )
@@ -103,15 +104,13 @@ class Monitor:
         run: str,
         project: str,
         token: str | None,
-        every: int | None,
+        schedule: Schedule,
         on_alert: Callable[[dict[str, Any]], None] | None,
         close_timeout: float,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.run, self.project, self.server = run, project, server
         self.run_id = uuid.uuid4().hex
-        self.every = every if every is not None else DEFAULT_EVERY
-        self._every_requested = every
         self._close_timeout = close_timeout
         self._closed = False
         self._started = False
@@ -120,7 +119,7 @@ class Monitor:
         self._loss_after_step: bool | None = None  # does the user log after opt.step()?
         self._sender = Sender(server=server, run_id=self.run_id, token=token, on_alert=on_alert)
         self._collector = Collector(
-            model, optimizer, every=self.every, emit=self._emit_sample, on_forward_order=self._start
+            model, optimizer, schedule=schedule, emit=self._emit_sample, on_forward_order=self._start
         )
         self._atexit = _close_at_exit(self)
         atexit.register(self._atexit)
@@ -131,6 +130,11 @@ class Monitor:
     def step(self) -> int:
         """The step in progress (optimizer steps completed so far)."""
         return self._collector.step
+
+    @property
+    def every(self) -> int:
+        """The current sampling interval (it changes over the run when `every=None`)."""
+        return self._collector.schedule.every
 
     @property
     def dashboard_url(self) -> str:
@@ -177,6 +181,7 @@ class Monitor:
             "run_id": self.run_id,
             "step": self.step,
             "every": self.every,
+            "every_mode": self._collector.schedule.mode,
             "connected": self._sender.connected,
             "acked": self._sender.acked,
             "dropped": dict(self._sender.dropped),
@@ -194,7 +199,8 @@ class Monitor:
         first = next(self.model.parameters(), None)
         config = {
             "every": self.every,
-            "every_mode": "fixed" if self._every_requested is not None else "default",
+            "every_mode": self._collector.schedule.mode,
+            "overhead_budget": self._collector.schedule.overhead,
             "grad_source": "optimizer step pre-hook (after unscaling and clipping)" if self.optimizer else "at log()",
             "layerwatch": __version__,
             "torch": torch.__version__,

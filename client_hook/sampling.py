@@ -1,0 +1,76 @@
+"""When to take a sample: every N steps, or adaptively within a cost budget.
+
+`every=N` samples steps 0, N, 2N, ... . `every=None` keeps the monitor's own
+cost near `overhead` (default 1%) of the training step: it times the work its
+hooks do on a sampled step (the statistics, the snapshot, the copy) and the
+wall time of unsampled steps, and spaces samples so that
+
+    cost of one sample / (interval × plain step time) ≈ overhead.
+
+The interval stays within [EVERY_MIN, EVERY_MAX] and starts at EVERY_START
+until both times are measured. On CUDA the hook time is the time to *launch*
+the statistics kernels (they run asynchronously), so the budget there is a
+budget on the training thread's time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+EVERY_MIN = 1
+EVERY_MAX = 1000  # at least one sample per thousand steps, whatever it costs
+EVERY_START = 10
+DEFAULT_OVERHEAD = 0.01  # 1% of step time: the "cost nobody notices" target
+_SMOOTHING = 0.2  # weight of the newest measurement in the running averages
+
+
+def choose_every(sample_cost_s: float, step_time_s: float, overhead: float) -> int:
+    """The smallest interval whose amortised sample cost is within `overhead` of a step."""
+    if step_time_s <= 0 or sample_cost_s <= 0:
+        return EVERY_MIN
+    return max(EVERY_MIN, min(EVERY_MAX, math.ceil(sample_cost_s / (overhead * step_time_s))))
+
+
+class Schedule:
+    """Decides which steps are sampled; in adaptive mode, measures and re-plans."""
+
+    def __init__(self, every: int | None, overhead: float = DEFAULT_OVERHEAD) -> None:
+        self.adaptive = every is None
+        self.every = EVERY_START if every is None else every
+        self.overhead = overhead
+        self.next_step = 0
+        self.sample_cost_s: float | None = None  # running average, seconds of hook work per sample
+        self.step_time_s: float | None = None  # running average of an unsampled step's wall time
+        self._hook_time = 0.0
+        self._last_step_end: float | None = None
+
+    def is_due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def add_hook_time(self, seconds: float) -> None:
+        """Time spent in the monitor's hooks during the step in progress."""
+        self._hook_time += seconds
+
+    def end_step(self, step: int, sampled: bool) -> None:
+        """Called once per step, after its optimizer step (or its loss without an optimizer)."""
+        now = time.perf_counter()
+        if sampled:
+            self.next_step = step + self.every
+            if self.adaptive:
+                self.sample_cost_s = _average(self.sample_cost_s, self._hook_time)
+        elif self._last_step_end is not None and self.adaptive:
+            self.step_time_s = _average(self.step_time_s, now - self._last_step_end)
+        self._hook_time = 0.0
+        self._last_step_end = now
+        if sampled and self.adaptive and self.sample_cost_s is not None and self.step_time_s is not None:
+            self.every = choose_every(self.sample_cost_s, self.step_time_s, self.overhead)
+            self.next_step = step + self.every
+
+    @property
+    def mode(self) -> str:
+        return "adaptive" if self.adaptive else "fixed"
+
+
+def _average(current: float | None, new: float) -> float:
+    return new if current is None else (1 - _SMOOTHING) * current + _SMOOTHING * new
