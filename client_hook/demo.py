@@ -110,6 +110,7 @@ def train(args: argparse.Namespace) -> monitor.Monitor:
     )
     print(f"layerwatch demo: training run {mon.run!r} — dashboard: {mon.dashboard_url}", flush=True)
     step, val_loss = 0, None
+    interactive = sys.stderr.isatty()
     for _ in range(args.epochs):
         model.train()
         order = torch.randperm(len(x_train))
@@ -123,7 +124,15 @@ def train(args: argparse.Namespace) -> monitor.Monitor:
             schedule.step()
             mon.log(loss=loss, targets=y)
             step += 1
-            print(progress(step, total, loss.item(), val_loss), end="", file=sys.stderr, flush=True)
+            if interactive or step % max(total // 10, 1) == 0 or step == total:
+                # A redrawn bar on a terminal; in a log, a line every 10%.
+                bar = progress(step, total, loss.item(), val_loss)
+                print(
+                    bar if interactive else bar.lstrip("\r"),
+                    end="" if interactive else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if args.delay:
                 time.sleep(args.delay)  # paced so the dashboard can be watched live
         model.eval()
@@ -132,7 +141,8 @@ def train(args: argparse.Namespace) -> monitor.Monitor:
             val_loss = F.cross_entropy(logits, y_val).item()
             accuracy = (logits.argmax(1) == y_val).float().mean().item()
         mon.log(val_loss=val_loss, val_accuracy=accuracy)
-    print(file=sys.stderr)
+    if interactive:
+        print(file=sys.stderr)
     mon.close()
     print(f"layerwatch demo: done, val_loss {val_loss:.3f}, val_accuracy {accuracy:.3f}", flush=True)
     return mon
