@@ -48,8 +48,10 @@ function baseLayout(extra = {}) {
   };
 }
 
-export function formatNumber(v) {
-  if (v === null || v === undefined) return "NaN/Inf";
+// `missing` is what null means where the number is shown: the REST API sends
+// NaN/Inf as null, and a heatmap cell is null for those.
+export function formatNumber(v, missing = "NaN/Inf") {
+  if (v === null || v === undefined) return missing;
   if (typeof v !== "number") return String(v);
   if (v === 0) return "0";
   const a = Math.abs(v);
@@ -188,14 +190,19 @@ export function renderScalars(div, { scalars, keys, alerts, logY }) {
 
 // ------------------------------------------------------------------ heatmaps
 
+// Colourbar ticks for log10 values: each decade, and 2× and 5× as well when
+// the range spans less than three decades (else a short bar shows one tick).
 function logTicks(lo, hi) {
   const vals = [];
-  for (let k = Math.floor(lo); k <= Math.ceil(hi); k++) vals.push(k);
-  return { tickvals: vals, ticktext: vals.map((k) => `1e${k}`) };
+  const steps = hi - lo < 3 ? [0, Math.log10(2), Math.log10(5)] : [0];
+  for (let k = Math.floor(lo); k <= Math.ceil(hi); k++) for (const s of steps) vals.push(k + s);
+  const text = (v) => (Number.isInteger(v) ? `1e${v}` : formatNumber(10 ** v));
+  return { tickvals: vals, ticktext: vals.map(text) };
 }
 
 // A layer × step heatmap. `options`: log (bool), title (colorbar, may hold
-// <br>), colorscale, zmin/zmax/zmid. Rows are labelled with layer names when
+// <br>), colorscale, zmin/zmax/zmid, guide (a healthy value, marked on the
+// colorbar and in the hover), empty (text when there are no rows). Rows are labelled with layer names when
 // all rows share one param, else with the full row name ("fc1.weight").
 export function renderHeatmap(div, heat, options) {
   const rows = heat.rows || [];
@@ -232,6 +239,10 @@ export function renderHeatmap(div, heat, options) {
     z = raw.map((row) => row.map((v) => (v === null ? null : v > 0 ? Math.max(Math.log10(v), floor) : floor)));
     if (options.zmin !== undefined) zRange = { zmin: options.zmin, zmax: options.zmax };
     colorbarTicks = logTicks(options.zmin ?? floor, options.zmax ?? hi);
+    if (options.guide !== undefined) {
+      const at = colorbarTicks.tickvals.indexOf(Math.log10(options.guide));
+      if (at >= 0) colorbarTicks.ticktext[at] += " guide";
+    }
   } else if (options.zmin !== undefined) {
     zRange = { zmin: options.zmin, zmax: options.zmax };
   }
@@ -249,15 +260,21 @@ export function renderHeatmap(div, heat, options) {
     ygap: 1,
     colorbar: {
       title: { text: options.title, side: "top", font: { size: 11 } },
+      // Shorter than the plot, from the bottom: room above it for the title.
+      len: 0.78,
+      y: 0,
+      yanchor: "bottom",
       thickness: 12,
       outlinewidth: 0,
       tickfont: { size: 10 },
       ...colorbarTicks,
     },
-    hovertemplate: `layer %{y}<br>step %{x}<br>${escapeHtml(heat.kind)} ${escapeHtml(heat.stat)} %{text}<extra></extra>`,
+    hovertemplate:
+      `layer %{y}<br>step %{x}<br>${escapeHtml(heat.kind)} ${escapeHtml(heat.stat)} %{text}` +
+      `${options.guide !== undefined ? ` (guide ≈ ${formatNumber(options.guide)})` : ""}<extra></extra>`,
   };
   // About 18 px a layer, so a deep model's names stay readable.
-  const height = Math.max(220, Math.min(900, labels.length * 18 + 70));
+  const height = Math.max(260, Math.min(900, labels.length * 18 + 70));
   div.style.height = `${height}px`;
   const layout = baseLayout({
     height,

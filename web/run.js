@@ -56,7 +56,7 @@ function renderHeader() {
   badge.className = statusClass(run.status);
   badge.textContent = run.status;
   setText("run-step", run.last_step);
-  setText("run-loss", run.last_loss === undefined ? null : formatNumber(run.last_loss));
+  setText("run-loss", formatNumber(run.last_loss, "—"));
   const opt = run.optimizer;
   if (opt && opt.type) {
     const lrs = [...new Set((opt.param_groups || []).map((g) => g.lr).filter((lr) => lr !== undefined))];
@@ -245,7 +245,8 @@ async function loadUpdateHeatmap(gen) {
       [0.5, "#3fb950"],
       [1, "#f85149"],
     ],
-    title: "update_ratio<br>(log10;<br>1e-3 guide)",
+    guide: UPDATE_RATIO_GUIDE,
+    title: "update_ratio<br>(log10)",
     empty: "No update ratios yet (they need an optimizer)",
   });
   wireClicks("heatmap-update", () => S.updateData);
@@ -410,6 +411,8 @@ async function load() {
     if (!S.shownKeys.length) S.shownKeys = keys.includes("loss") ? ["loss"] : keys.slice(0, 1);
     S.shownKeys = S.shownKeys.filter((k) => keys.includes(k));
     S.scalars = {};
+    $("run-body").hidden = false; // before drawing: Plotly sizes plots from their container
+    $("run-missing").hidden = true;
     renderHeader();
     renderKeyChips();
     renderPickers();
@@ -423,11 +426,9 @@ async function load() {
     await Promise.all([loadMainHeatmap(gen), loadUpdateHeatmap(gen), loadHistogram(gen)]);
   } catch (err) {
     if (gen !== S.gen) return;
-    showBanner(
-      err instanceof HttpError && / 404/.test(err.message)
-        ? `There is no run with id ${S.id}.`
-        : `Could not load this run: ${err.message}`,
-    );
+    const missing = err instanceof HttpError && / 404/.test(err.message);
+    if (missing && !S.run) $("run-missing").hidden = false;
+    showBanner(missing ? `There is no run with id ${S.id}.` : `Could not load this run: ${err.message}`);
   }
 }
 
@@ -466,6 +467,9 @@ export const runView = {
     S.heat = { kind: "grad", stat: "norm", param: "weight" };
     for (const name of ["run-name", "run-project", "run-step", "run-loss", "run-optimizer", "run-every"]) setText(name, "");
     $("run-id").textContent = id;
+    $("crumbs").replaceChildren();
+    $("run-body").hidden = true;
+    $("run-missing").hidden = true;
     $("view-run").hidden = false;
     return load();
   },
@@ -491,7 +495,12 @@ export const runView = {
   },
 
   onEvent(event) {
-    if (S.id === null || !S.run) return;
+    if (S.id === null) return;
+    if (!S.run) {
+      // Opened before the run existed (or while it was loading): load it once it starts.
+      if (event.type === "run" && event.run && String(event.run.id) === String(S.id)) load();
+      return;
+    }
     if (event.type === "run" && event.run && String(event.run.id) === String(S.id)) {
       const wasRunning = S.run.status === "running";
       S.run = { ...S.run, ...event.run };

@@ -32,7 +32,7 @@ function render() {
       el("td", { text: run.project }),
       el("td", {}, statusBadge(run.status)),
       el("td", { className: "num mono", text: run.last_step ?? "—" }),
-      el("td", { className: "num mono", text: run.last_loss === undefined ? "—" : formatNumber(run.last_loss) }),
+      el("td", { className: "num mono", text: formatNumber(run.last_loss, "—") }),
       el("td", {}, alertCounts(run.alert_counts)),
       el("td", { className: "muted", text: formatTime(run.created_at) }),
     );
