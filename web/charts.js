@@ -41,6 +41,8 @@ function baseLayout(extra = {}) {
     plot_bgcolor: COLORS.plot,
     font: { family: "Inter, system-ui, -apple-system, Segoe UI, sans-serif", size: 12, color: COLORS.text },
     margin: { l: 60, r: 20, t: 10, b: 40 },
+    // Keep the user's zoom and pan while live updates redraw the plot.
+    uirevision: "keep",
     hoverlabel: { bgcolor: COLORS.panel, bordercolor: "#30363d", font: { color: COLORS.text }, align: "left" },
     xaxis: { title: { text: "step" }, gridcolor: COLORS.grid, zeroline: false, automargin: true },
     yaxis: { gridcolor: COLORS.grid, zeroline: false, automargin: true },
@@ -391,7 +393,7 @@ export function renderHistogram(div, hist, stats, label) {
     bargap: 0,
     annotations: binned ? [] : [emptyAnnotation("No histograms for this series yet")],
   });
-  layout.yaxis = { ...layout.yaxis, domain: [0, 0.76], title: { text: "value" }, exponentformat: "e" };
+  layout.yaxis = { ...layout.yaxis, domain: [0, 0.76], title: { text: "value" }, tickformat: ".2~g" };
   layout.yaxis2 = {
     domain: [0.82, 1],
     title: { text: "NaN/Inf", font: { color: COLORS.severity.critical, size: 11 } },
