@@ -8,7 +8,9 @@ wall time of unsampled steps, and spaces samples so that
     cost of one sample / (interval × plain step time) ≈ overhead.
 
 The interval stays within [EVERY_MIN, EVERY_MAX] and starts at EVERY_START
-until both times are measured. On CUDA the hook time is the time to *launch*
+until both times are measured. The first sample's cost is not measured: it
+carries one-time work (kernel warm-up, describing the model) that would set the
+interval far too long. On CUDA the hook time is the time to *launch*
 the statistics kernels (they run asynchronously), so the budget there is a
 budget on the training thread's time.
 """
@@ -44,6 +46,7 @@ class Schedule:
         self.step_time_s: float | None = None  # running average of an unsampled step's wall time
         self._hook_time = 0.0
         self._last_step_end: float | None = None
+        self._samples = 0
 
     def is_due(self, step: int) -> bool:
         return step >= self.next_step
@@ -56,8 +59,9 @@ class Schedule:
         """Called once per step, after its optimizer step (or its loss without an optimizer)."""
         now = time.perf_counter()
         if sampled:
+            self._samples += 1
             self.next_step = step + self.every
-            if self.adaptive:
+            if self.adaptive and self._samples > 1:  # the first one pays for warm-up
                 self.sample_cost_s = _average(self.sample_cost_s, self._hook_time)
         elif self._last_step_end is not None and self.adaptive:
             self.step_time_s = _average(self.step_time_s, now - self._last_step_end)
