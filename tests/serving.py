@@ -1,8 +1,13 @@
-"""A real `layerwatch serve` process for tests: free port, temp SQLite file, always stopped."""
+"""A real `layerwatch serve` process for tests: free port, temp SQLite file, always stopped.
+
+Shared by the end-to-end, packaging, CLI and browser tests, so that every test
+that needs a server starts it the same way a user does.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+START_TIMEOUT_S = 30
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,31 +27,28 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(db_path: Path, port: int | None = None, *extra: str, wait: bool = True) -> Iterator[str]:
-    """Run `python -m server serve` on loopback; yield its base URL; terminate it afterwards."""
+def serve(db_path: Path, port: int | None = None) -> Iterator[str]:
+    """Run `python -m server serve` on loopback with SQLite at `db_path`; yield its base URL.
+
+    The server's output goes to a log file beside the database, quoted in the
+    error if it does not come up. The process is always terminated on exit.
+    """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(db_path.with_suffix(".log"), "ab")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--db",
-            f"sqlite:///{db_path}",
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = db_path.with_name(f"server-{port}.log")
+    command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [*command, "--db", f"sqlite:///{db_path}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
-        if wait:
+        try:
             wait_until_up(url, process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; its log:\n{log_path.read_text(errors='replace')}") from None
         yield url
     finally:
         process.terminate()
@@ -52,18 +56,20 @@ def serve(db_path: Path, port: int | None = None, *extra: str, wait: bool = True
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
+            process.wait()
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = START_TIMEOUT_S) -> dict:
+    """Poll `/api/health` until it answers; return its JSON. RuntimeError if the process dies or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"layerwatch serve exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                return
+            response = httpx.get(f"{url}/api/health", timeout=1)
+            if response.status_code == 200:
+                return response.json()
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"layerwatch serve did not answer at {url} within {timeout} s")
+    raise RuntimeError(f"layerwatch serve did not answer at {url} within {timeout} s")

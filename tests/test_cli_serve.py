@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +13,9 @@ import httpx
 from websockets.sync.client import connect
 
 from client_hook import wire
+from tests.serving import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_health(base: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.stdout.read().decode()}")  # type: ignore[union-attr]
-        try:
-            return httpx.get(f"{base}/api/health", timeout=1.0).json()
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"no answer from {base} within {timeout} s")
 
 
 def test_serve_ingests_and_serves_back(tmp_path: Path, run_frames: Any) -> None:
@@ -47,7 +28,7 @@ def test_serve_ingests_and_serves_back(tmp_path: Path, run_frames: Any) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        assert wait_for_health(base, process)["protocol"] == wire.PROTOCOL_VERSION
+        assert wait_until_up(base, process)["protocol"] == wire.PROTOCOL_VERSION
         frames = run_frames(steps=2)
         with connect(f"ws://127.0.0.1:{port}/ws/ingest") as ws:
             ws.send(json.dumps(wire.batch(frames)))

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +19,7 @@ import pytest
 from websockets.sync.client import connect
 
 from client_hook import wire
+from tests.serving import serve as running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -33,62 +30,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def server_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server") / "layerwatch.db"
-
-
-@contextmanager
-def running_server(db: Path, port: int | None = None) -> Iterator[str]:
-    """`python -m server serve` on `port` (a free one if None) with SQLite at `db`; yields its base URL.
-
-    The process is always terminated on exit, also when start-up fails.
-    """
-    port = port or free_port()
-    log_path = db.with_name(f"server-{port}.log")
-    with open(log_path, "ab") as log:
-        command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        proc = subprocess.Popen(
-            [*command, "--db", f"sqlite:///{db}"],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-            try:
-                with urllib.request.urlopen(f"{base}/api/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log_text = log_path.read_text(errors="replace")
-                pytest.fail(f"the server did not answer /api/health in {START_TIMEOUT_S} s:\n{log_text}")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
