@@ -43,7 +43,34 @@ LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "
 HISTOGRAM_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", "lo", "hi", "counts")
 HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i = 0..HIST_BINS
 
-FRAME_KINDS: tuple[str, ...] = ("run_start", "scalars", "layer_stats", "histograms", "run_end")
+FRAME_KINDS: tuple[str, ...] = ("run_start", "scalars", "signals", "layer_stats", "histograms", "run_end")
+
+# The always-on per-step signals of a `signals` frame (every optimizer step,
+# sampled or not), as the diagnosis rules read them. Each is optional; absent
+# means "not observed at this step".
+#   training         model.training at the step's (last grad-enabled) forward
+#   input_mean/std   of the first floating tensor argument of the model's forward (finite values)
+#   input_nonfinite  NaN/Inf count in that input
+#   input_fingerprint a cheap hash of that input batch (equal strings: the same batch)
+#   output_nonfinite the model's output held NaN/Inf
+#   first_nonfinite  the first module, in forward order, whose output went non-finite ("input" if the batch was)
+#   grad_norm        global L2 norm of all gradients as the optimizer saw them
+#   nonfinite_grads  "layer.param" labels of gradients holding NaN/Inf
+#   grads_stale      at the first backward after the previous step, .grad still held that step's values
+#   target_counts    {class: count} of the targets logged with mon.log(targets=...)
+SIGNAL_FIELDS: tuple[str, ...] = (
+    "training",
+    "input_mean",
+    "input_std",
+    "input_nonfinite",
+    "input_fingerprint",
+    "output_nonfinite",
+    "first_nonfinite",
+    "grad_norm",
+    "nonfinite_grads",
+    "grads_stale",
+    "target_counts",
+)
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
 MAX_NAME_LEN = 256
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # default server limit for one batch
@@ -140,6 +167,28 @@ def _rows(columns: tuple[str, ...], cell_checks: dict[str, Callable[[Any], str |
     return check
 
 
+def _bool_or_null(v: Any) -> str | None:
+    return None if v is None or isinstance(v, bool) else "true, false or null"
+
+
+def _name_or_null(v: Any) -> str | None:
+    return None if v is None else _name(v)
+
+
+def _names(v: Any) -> str | None:
+    if not isinstance(v, list) or any(_name(n) for n in v):
+        return "a list of names"
+    return None
+
+
+def _class_counts(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or any(_name(k) or _count(c) for k, c in v.items()):
+        return "an object of class -> non-negative integer count, or null"
+    return None
+
+
 def _counts(v: Any) -> str | None:
     if not isinstance(v, list) or len(v) != HIST_BINS or any(_count(c) for c in v):
         return f"a list of {HIST_BINS} non-negative integers"
@@ -179,6 +228,7 @@ _COMMON: dict[str, Callable[[Any], str | None]] = {
 _REQUIRED: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "run_start": {"name": _nonempty_name, "project": _nonempty_name, "time": _finite_number, "model": _model},
     "scalars": {"values": _scalar_values, "time": _finite_number},
+    "signals": {},
     "layer_stats": {"rows": _rows(LAYER_STAT_COLUMNS, _STAT_CELLS)},
     "histograms": {"rows": _rows(HISTOGRAM_COLUMNS, _HIST_CELLS)},
     "run_end": {"status": _one_of(RUN_END_STATUSES), "time": _finite_number},
@@ -186,6 +236,19 @@ _REQUIRED: dict[str, dict[str, Callable[[Any], str | None]]] = {
 _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "run_start": {"optimizer": _object_or_null, "config": _object_or_null},
     "scalars": {},
+    "signals": {
+        "training": _bool_or_null,
+        "input_mean": _number_or_null,
+        "input_std": _number_or_null,
+        "input_nonfinite": _count,
+        "input_fingerprint": _name_or_null,
+        "output_nonfinite": _bool_or_null,
+        "first_nonfinite": _name_or_null,
+        "grad_norm": _number_or_null,
+        "nonfinite_grads": _names,
+        "grads_stale": _bool_or_null,
+        "target_counts": _class_counts,
+    },
     "layer_stats": {"every": _count},
     "histograms": {},
     "run_end": {},

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar
+from server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 HEATMAP_STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio")
@@ -141,6 +141,7 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     scalars: dict[tuple[str, str, int], dict[str, Any]] = {}
     stats: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
     hists: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
+    signals: dict[tuple[str, int], dict[str, Any]] = {}
     changed: dict[str, None] = {}  # an ordered set
     stat_steps: dict[str, set[int]] = defaultdict(set)
 
@@ -165,6 +166,10 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
                 values.append(value)
             if "loss" in f["values"]:
                 run.last_loss = f["values"]["loss"]
+            _advance(run, step)
+        elif kind == "signals":
+            row = signals.setdefault((run_id, step), {"run_id": run_id, "step": step})
+            row.update({name: f[name] for name in wire.SIGNAL_FIELDS if name in f})
             _advance(run, step)
         elif kind == "layer_stats":
             for row in f["rows"]:
@@ -205,10 +210,16 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     _upsert(session, Scalar.__table__, list(scalars.values()))
     _upsert(session, LayerStat.__table__, list(stats.values()))
     _upsert(session, Histogram.__table__, list(hists.values()))
+    _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
 
     result.changed_runs = list(changed)
     result.stat_steps = {run_id: sorted(steps) for run_id, steps in stat_steps.items()}
     return result
+
+
+def _full_rows(rows: Iterable[dict[str, Any]], fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows with every field present (None where a frame left it out): one executemany shape."""
+    return [{**dict.fromkeys(fields), **row} for row in rows]
 
 
 def _start_run(session: Session, run: Run | None, f: dict[str, Any], projects: dict[str, Project], now: float) -> Run:

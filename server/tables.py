@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Double,
     ForeignKey,
     Index,
@@ -75,6 +76,26 @@ class Scalar(Base):
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     # SQLite stores NaN as NULL; NULL reads back as "not a number" (null in JSON).
     value: Mapped[float | None] = mapped_column(Double)
+
+
+class StepSignal(Base):
+    """The always-on signals of one optimizer step (`wire.SIGNAL_FIELDS`), one row per step."""
+
+    __tablename__ = "step_signals"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    training: Mapped[bool | None] = mapped_column(Boolean)
+    input_mean: Mapped[float | None] = mapped_column(Double)
+    input_std: Mapped[float | None] = mapped_column(Double)
+    input_nonfinite: Mapped[int | None] = mapped_column(BigInteger)
+    input_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    output_nonfinite: Mapped[bool | None] = mapped_column(Boolean)
+    first_nonfinite: Mapped[str | None] = mapped_column(NAME)
+    grad_norm: Mapped[float | None] = mapped_column(Double)
+    nonfinite_grads: Mapped[list[str] | None] = mapped_column(JSON)
+    grads_stale: Mapped[bool | None] = mapped_column(Boolean)
+    target_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
 
 
 class LayerStat(Base):

@@ -89,6 +89,24 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
                     rows=[["encoder", "weight", "grad", -1.0, 1.0, counts]],
                 )
             )
+            frames.append(
+                wire.frame(
+                    "signals",
+                    run_id=run_id,
+                    seq=next(seq),
+                    step=step,
+                    training=True,
+                    input_mean=0.0,
+                    input_std=1.0,
+                    input_nonfinite=0,
+                    input_fingerprint=f"fp{step}",
+                    output_nonfinite=False,
+                    grad_norm=1.0 / (step + 1),
+                    nonfinite_grads=[],
+                    grads_stale=False,
+                    target_counts={"0": 3, "1": 5},
+                )
+            )
         if end:
             frames.append(
                 wire.frame("run_end", run_id=run_id, seq=next(seq), step=steps - 1, status="finished", time=2000.0)

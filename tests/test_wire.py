@@ -51,7 +51,10 @@ def _broken(run_frames: Any, index: int, change: Any) -> dict[str, Any]:
         (2, lambda f: f["rows"][0].__setitem__(3, True), "'mean' must be a number or null, but got True"),
         (2, lambda f: f["rows"][0].__setitem__(11, 1.5), "'numel' must be a non-negative integer, but got 1.5"),
         (3, lambda f: f["rows"][0][5].pop(), "'counts' must be a list of 32 non-negative integers"),
-        (4, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
+        (4, lambda f: f.update(grads_stale="no"), "'grads_stale' must be true, false or null, but got 'no'"),
+        (4, lambda f: f.update(target_counts={"0": -1}), "'target_counts' must be an object of class -> non-negative"),
+        (4, lambda f: f.update(nonfinite_grads="fc.weight"), "'nonfinite_grads' must be a list of names"),
+        (5, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
     ],
 )
 def test_bad_frames_are_rejected_naming_field_and_value(
