@@ -43,7 +43,9 @@ LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "
 HISTOGRAM_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", "lo", "hi", "counts")
 HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i = 0..HIST_BINS
 
-FRAME_KINDS: tuple[str, ...] = ("run_start", "scalars", "signals", "layer_stats", "histograms", "run_end")
+FRAME_KINDS: tuple[str, ...] = ("run_start", "scalars", "signals", "layer_stats", "histograms", "findings", "run_end")
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")  # rising order
+FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "remedy", "evidence")
 
 # The always-on per-step signals of a `signals` frame (every optimizer step,
 # sampled or not), as the diagnosis rules read them. Each is optional; absent
@@ -189,6 +191,29 @@ def _class_counts(v: Any) -> str | None:
     return None
 
 
+def _findings(v: Any) -> str | None:
+    """Findings the client made itself (preflight): stored as alerts at the frame's step."""
+    if not isinstance(v, list):
+        return f"a list of findings {{{', '.join(FINDING_FIELDS)}}}"
+    for i, finding in enumerate(v):
+        problem = None
+        if not isinstance(finding, dict):
+            problem = "is not an object"
+        elif _nonempty_name(finding.get("rule")):
+            problem = "has no 'rule' name"
+        elif finding.get("severity") not in SEVERITIES:
+            problem = f"has severity {finding.get('severity')!r}, not one of {list(SEVERITIES)}"
+        elif _name_or_null(finding.get("layer")):
+            problem = "has a 'layer' that is not a name or null"
+        elif not isinstance(finding.get("message"), str) or not isinstance(finding.get("remedy"), str):
+            problem = "needs string 'message' and 'remedy'"
+        elif _object_or_null(finding.get("evidence")):
+            problem = "has 'evidence' that is not an object or null"
+        if problem:
+            return f"a list of findings (finding {i} {problem})"
+    return None
+
+
 def _counts(v: Any) -> str | None:
     if not isinstance(v, list) or len(v) != HIST_BINS or any(_count(c) for c in v):
         return f"a list of {HIST_BINS} non-negative integers"
@@ -229,6 +254,7 @@ _REQUIRED: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "run_start": {"name": _nonempty_name, "project": _nonempty_name, "time": _finite_number, "model": _model},
     "scalars": {"values": _scalar_values, "time": _finite_number},
     "signals": {},
+    "findings": {"findings": _findings},
     "layer_stats": {"rows": _rows(LAYER_STAT_COLUMNS, _STAT_CELLS)},
     "histograms": {"rows": _rows(HISTOGRAM_COLUMNS, _HIST_CELLS)},
     "run_end": {"status": _one_of(RUN_END_STATUSES), "time": _finite_number},
@@ -249,6 +275,7 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "grads_stale": _bool_or_null,
         "target_counts": _class_counts,
     },
+    "findings": {},
     "layer_stats": {"every": _count},
     "histograms": {},
     "run_end": {},

@@ -90,6 +90,7 @@ def ingest_events(result: store.IngestResult, runs: list[store.RunInfo]) -> list
         events.append({"type": "scalars", "run_id": run_id, "key": key, "steps": steps, "values": values})
     for run_id, steps in result.stat_steps.items():
         events.append({"type": "layer_stats", "run_id": run_id, "steps": steps})
+    events += [alert_event(alert) for alert, _ in result.alerts]
     return events
 
 

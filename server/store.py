@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from client_hook import wire
 from server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal
 
-SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+SEVERITIES: tuple[str, ...] = wire.SEVERITIES
+ALERT_NEW, ALERT_ESCALATED, ALERT_UPDATED = "new", "escalated", "updated"
 HEATMAP_STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio")
 _UINT32_MAX = 0xFFFFFFFF
 
@@ -47,6 +48,8 @@ class IngestResult:
     stat_steps: dict[str, list[int]] = field(default_factory=dict)
     stored_frames: int = 0
     replayed_frames: int = 0
+    # Alerts this batch created or changed, with what happened to each (ALERT_NEW, ...).
+    alerts: list[tuple[AlertInfo, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +68,19 @@ class RunInfo:
     model: dict[str, Any]
     optimizer: dict[str, Any] | None
     config: dict[str, Any] | None
+
+
+@dataclass
+class Finding:
+    """One rule's verdict at one step: what an alert row is made from and updated by."""
+
+    rule: str
+    severity: str
+    layer: str | None
+    step: int
+    message: str
+    remedy: str
+    evidence: dict[str, Any] | None = None
 
 
 @dataclass
@@ -142,6 +158,7 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     stats: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
     hists: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
     signals: dict[tuple[str, int], dict[str, Any]] = {}
+    findings: list[tuple[str, Finding]] = []
     changed: dict[str, None] = {}  # an ordered set
     stat_steps: dict[str, set[int]] = defaultdict(set)
 
@@ -171,6 +188,10 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
             row = signals.setdefault((run_id, step), {"run_id": run_id, "step": step})
             row.update({name: f[name] for name in wire.SIGNAL_FIELDS if name in f})
             _advance(run, step)
+        elif kind == "findings":
+            findings += [
+                (run_id, Finding(step=step, **{k: x.get(k) for k in wire.FINDING_FIELDS})) for x in f["findings"]
+            ]
         elif kind == "layer_stats":
             for row in f["rows"]:
                 cells = dict(zip(wire.LAYER_STAT_COLUMNS, row, strict=True))
@@ -211,6 +232,7 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     _upsert(session, LayerStat.__table__, list(stats.values()))
     _upsert(session, Histogram.__table__, list(hists.values()))
     _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
+    result.alerts = [upsert_alert(session, run_id=run_id, finding=finding, now=now) for run_id, finding in findings]
 
     result.changed_runs = list(changed)
     result.stat_steps = {run_id: sorted(steps) for run_id, steps in stat_steps.items()}
@@ -476,21 +498,62 @@ def histogram_series(session: Session, *, run_id: str, layer: str, param: str, k
 def list_alerts(session: Session, *, run_id: str) -> list[AlertInfo]:
     """A run's alerts in the order they first fired."""
     alerts = session.scalars(select(Alert).where(Alert.run_id == run_id).order_by(Alert.first_step, Alert.id))
-    return [
-        AlertInfo(
-            id=a.id,
-            run_id=a.run_id,
-            rule=a.rule,
-            severity=a.severity,
-            layer=a.layer,
-            first_step=a.first_step,
-            last_step=a.last_step,
-            count=a.count,
-            message=a.message,
-            remedy=a.remedy,
-            evidence=a.evidence,
-            created_at=a.created_at,
-            updated_at=a.updated_at,
+    return [_alert_info(a) for a in alerts]
+
+
+def _alert_info(a: Alert) -> AlertInfo:
+    return AlertInfo(
+        id=a.id,
+        run_id=a.run_id,
+        rule=a.rule,
+        severity=a.severity,
+        layer=a.layer,
+        first_step=a.first_step,
+        last_step=a.last_step,
+        count=a.count,
+        message=a.message,
+        remedy=a.remedy,
+        evidence=a.evidence,
+        created_at=a.created_at,
+        updated_at=a.updated_at,
+    )
+
+
+def upsert_alert(session: Session, *, run_id: str, finding: Finding, now: float) -> tuple[AlertInfo, str]:
+    """One alert per (run, rule, layer): create it, or update it with the latest finding.
+
+    An update keeps the first step, extends the last, counts, and takes the
+    newest message and evidence; severity only ever rises (a rise is
+    ALERT_ESCALATED, which webhooks send again). Not committed here: callers
+    commit with the data that raised it.
+    """
+    layer_match = Alert.layer.is_(None) if finding.layer is None else Alert.layer == finding.layer
+    alert = session.scalar(select(Alert).where(Alert.run_id == run_id, Alert.rule == finding.rule, layer_match))
+    if alert is None:
+        alert = Alert(
+            run_id=run_id,
+            rule=finding.rule,
+            severity=finding.severity,
+            layer=finding.layer,
+            first_step=finding.step,
+            last_step=finding.step,
+            count=1,
+            message=finding.message,
+            remedy=finding.remedy,
+            evidence=finding.evidence,
+            created_at=now,
+            updated_at=now,
         )
-        for a in alerts
-    ]
+        session.add(alert)
+        change = ALERT_NEW
+    else:
+        escalated = SEVERITIES.index(finding.severity) > SEVERITIES.index(alert.severity)
+        alert.severity = finding.severity if escalated else alert.severity
+        alert.first_step = min(alert.first_step, finding.step)
+        alert.last_step = max(alert.last_step, finding.step)
+        alert.count += 1
+        alert.message, alert.remedy, alert.evidence = finding.message, finding.remedy, finding.evidence
+        alert.updated_at = now
+        change = ALERT_ESCALATED if escalated else ALERT_UPDATED
+    session.flush()  # for the id
+    return _alert_info(alert), change

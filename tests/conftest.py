@@ -44,7 +44,9 @@ def stat_row(layer: str, param: str, kind: str, scale: float = 1.0) -> list[Any]
 def run_frames() -> Callable[..., list[dict[str, Any]]]:
     """run_frames(run_id, steps=3, end=True): run_start, then per step scalars/layer_stats/histograms, then run_end."""
 
-    def build(run_id: str = "run-1", steps: int = 3, end: bool = True, name: str = "demo") -> list[dict[str, Any]]:
+    def build(
+        run_id: str = "run-1", steps: int = 3, end: bool = True, name: str = "demo", findings: bool = False
+    ) -> list[dict[str, Any]]:
         seq = iter(range(10_000))
         frames = [
             wire.frame(
@@ -105,6 +107,25 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
                     nonfinite_grads=[],
                     grads_stale=False,
                     target_counts={"0": 3, "1": 5},
+                )
+            )
+        if findings:
+            frames.append(
+                wire.frame(
+                    "findings",
+                    run_id=run_id,
+                    seq=next(seq),
+                    step=0,
+                    findings=[
+                        {
+                            "rule": "loss_at_init",
+                            "severity": "warning",
+                            "layer": None,
+                            "message": "initial loss 9.1 is far from ln(10) = 2.3",
+                            "remedy": "check the output layer",
+                            "evidence": {"loss": 9.1, "expected": 2.3},
+                        }
+                    ],
                 )
             )
         if end:

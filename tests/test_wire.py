@@ -12,7 +12,7 @@ from client_hook import wire
 
 
 def test_every_frame_kind_of_a_run_validates(run_frames: Any) -> None:
-    frames = run_frames()
+    frames = run_frames(findings=True)
     assert {f["kind"] for f in frames} == set(wire.FRAME_KINDS)
     for f in frames:
         assert wire.validate_frame(f) is f
@@ -29,7 +29,7 @@ def test_nan_and_infinity_are_data_not_errors(run_frames: Any) -> None:
 
 
 def _broken(run_frames: Any, index: int, change: Any) -> dict[str, Any]:
-    f = copy.deepcopy(run_frames(steps=1)[index])
+    f = copy.deepcopy(run_frames(steps=1, findings=True)[index])
     change(f)
     return f
 
@@ -54,7 +54,8 @@ def _broken(run_frames: Any, index: int, change: Any) -> dict[str, Any]:
         (4, lambda f: f.update(grads_stale="no"), "'grads_stale' must be true, false or null, but got 'no'"),
         (4, lambda f: f.update(target_counts={"0": -1}), "'target_counts' must be an object of class -> non-negative"),
         (4, lambda f: f.update(nonfinite_grads="fc.weight"), "'nonfinite_grads' must be a list of names"),
-        (5, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
+        (5, lambda f: f["findings"][0].update(severity="fatal"), "finding 0 has severity 'fatal', not one of"),
+        (6, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
     ],
 )
 def test_bad_frames_are_rejected_naming_field_and_value(
