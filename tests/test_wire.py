@@ -66,7 +66,7 @@ def test_bad_frames_are_rejected_naming_field_and_value(
         wire.validate_frame(bad)
     assert expected in str(info.value)
     # In a batch, the error also says which frame it is.
-    frames = run_frames(steps=1)  # run_start, scalars, layer_stats, histograms, run_end
+    frames = run_frames(steps=1, findings=True)  # run_start, scalars, stats, histograms, signals, findings, end
     frames[index] = bad
     with pytest.raises(wire.SchemaError, match=rf"^frame {index}"):
         wire.validate_batch(wire.batch(frames))
