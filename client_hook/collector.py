@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from client_hook import stats
 from client_hook.model_info import param_owners
 from client_hook.sampling import Schedule
+from client_hook.signals import StepSignals
 from client_hook.wire import ACTIVATION_PARAM
 
 log = logging.getLogger("layerwatch")
@@ -101,7 +102,7 @@ class Collector:
         optimizer: torch.optim.Optimizer | None,
         *,
         schedule: Schedule,
-        emit: Callable[[Sample], None],
+        emit: Callable[[Any], None],
         on_forward_order: Callable[[list[str]], None],
     ) -> None:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
@@ -122,7 +123,16 @@ class Collector:
         self._ready: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
         self._quiet: set[str] = set()
         self._watch_forward_order()
+        labelled = [(f"{layer}.{name}" if layer else name, param) for (layer, name, _), param in self._parameters()]
+        self.signals = StepSignals(model, self._names, labelled)
+        # Always on, every step: two hooks on the top module only (see signals.py for the cost).
+        before = self._guard("signals", self.signals.before_forward, training_only=True, timed=False)
+        after = self._guard("signals", self.signals.after_forward, training_only=True, timed=False)
+        self._handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(after, with_kwargs=True))
         if optimizer is not None:
+            norms = self._guard("signals", self.signals.read_grad_norms, timed=False)
+            self._handles.append(optimizer.register_step_pre_hook(lambda *args: norms()))
             self._handles.append(optimizer.register_step_pre_hook(self._guard("optimizer", self._before_step)))
             # Not guarded like the others: counting steps must go on even if sampling went quiet.
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -149,12 +159,24 @@ class Collector:
     def finish_step_without_optimizer(self) -> None:
         """Without an optimizer, `mon.log(loss=...)` ends a step: sample it if due, then advance."""
         sampled = self.is_sampled(self.step)
+        if "signals" not in self._quiet:
+            self._timed(self.signals.read_grad_norms, part="signals")
         if sampled and "optimizer" not in self._quiet:
             self._timed(self._sample_without_optimizer)
         self.schedule.end_step(self.step, sampled)
         self._timed(self._emit_ready)
+        self._end_signals()
         self.step += 1
         self._arm_if_sampled()
+
+    def _end_signals(self) -> None:
+        """Hand this step's always-on signals to the sender (every step, sampled or not)."""
+        if "signals" in self._quiet:
+            return
+        try:
+            self._emit(self.signals.end_step(self.step))
+        except Exception:
+            self._go_quiet("signals")
 
     def _sample_without_optimizer(self) -> None:
         self._read_grads()
@@ -241,6 +263,7 @@ class Collector:
         self.schedule.end_step(self.step, sampled)
         # Emitted after planning, so the sample carries the interval now in force.
         self._timed(self._emit_ready)
+        self._end_signals()
         self.step += 1
         try:
             self._arm_if_sampled()
@@ -290,7 +313,9 @@ class Collector:
 
     # ------------------------------------------------------------ failure policy
 
-    def _guard(self, part: str, fn: Callable[..., None], *, training_only: bool = False) -> Callable[..., None]:
+    def _guard(
+        self, part: str, fn: Callable[..., None], *, training_only: bool = False, timed: bool = True
+    ) -> Callable[..., None]:
         """Wrap a hook: no gradient tracking, never raise, go quiet after a failure.
 
         `training_only` hooks ignore forwards run with gradients off (evaluation
@@ -300,7 +325,14 @@ class Collector:
         def hook(*args: Any) -> None:
             if part in self._quiet or (training_only and not torch.is_grad_enabled()):
                 return None
-            self._timed(fn, *args, part=part)
+            if timed:
+                self._timed(fn, *args, part=part)
+            else:  # always-on hooks: not part of a sample's cost
+                try:
+                    with torch.no_grad():
+                        fn(*args)
+                except Exception:
+                    self._go_quiet(part)
             return None  # hooks only observe: returning None leaves outputs untouched
 
         return hook

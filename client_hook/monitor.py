@@ -33,6 +33,7 @@ from client_hook.collector import Collector, Sample
 from client_hook.model_info import describe_model, describe_optimizer, group_lrs
 from client_hook.sampling import DEFAULT_OVERHEAD, Schedule
 from client_hook.sender import Frame, Sender
+from client_hook.signals import target_counts
 
 log = logging.getLogger("layerwatch")
 
@@ -145,13 +146,14 @@ class Monitor:
 
         `loss` (float or tensor) ends a step when there is no optimizer. Scalars
         logged without a loss (e.g. `val_loss`) belong to the latest step.
-        `targets` is accepted for the data checks of the diagnosis engine.
+        `targets` (class labels) are counted for the data checks (single-class
+        batches, class imbalance); other targets are ignored.
         """
         if self._closed:
             self._warn_once("closed", "layerwatch: log() after close() is ignored")
             return
         try:
-            self._log(loss, scalars)
+            self._log(loss, targets, scalars)
         except Exception:
             self._warn_once("log", "layerwatch: log() failed; this step's scalars are dropped", exc_info=True)
 
@@ -225,7 +227,7 @@ class Monitor:
         self._start(self._collector.forward_order)
         self._sender.submit(sample)
 
-    def _log(self, loss: Any, scalars: dict[str, Any]) -> None:
+    def _log(self, loss: Any, targets: Any, scalars: dict[str, Any]) -> None:
         self._start(self._collector.forward_order)
         values: dict[str, Any] = {}
         for key, value in scalars.items():
@@ -244,6 +246,9 @@ class Monitor:
             values.update(group_lrs(self.optimizer))
         if values:
             self._sender.submit(_Scalars(step, values))
+        counts = target_counts(step, targets) if targets is not None else None
+        if counts is not None:
+            self._sender.submit(counts)
         if loss is not None and self.optimizer is None:
             self._collector.finish_step_without_optimizer()
 

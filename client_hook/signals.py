@@ -1,0 +1,290 @@
+"""The always-on per-step signals (`wire.SIGNAL_FIELDS`): cheap, on device, every step.
+
+Sampled statistics say how each layer is doing every few steps; these say,
+for *every* optimizer step, what the diagnosis rules must never miss:
+
+- the model's mode and its input batch (mean/std, non-finite count and a
+  fingerprint that repeats when the same batch repeats) — read in a forward
+  pre-hook on the top module;
+- whether the model's output went non-finite — one `isfinite().all()` in a
+  forward hook on the top module. On the CPU, where reading the flag costs no
+  device sync, the first few such forwards are *replayed* under `no_grad`
+  with per-module hooks to name the first module whose output went non-finite
+  (RNG state and module buffers are restored, so the replay leaves no trace);
+- whether `.grad` still held the previous step's values when the next backward
+  began (a tensor hook on the output fires at the very start of backward);
+- every gradient's norm as the optimizer sees it (`torch._foreach_norm`, one
+  fused call), for the global norm and to name gradients holding NaN/Inf.
+
+All of it is packed into one small vector per step and copied to the host once
+(non-blocking on CUDA; the sender thread waits, not training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+FINGERPRINT_ELEMENTS = 4096  # elements of the input that enter the fingerprint's weighted sum
+MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
+TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
+STALE_PROBES = 3  # parameters whose .grad is checked at the start of the next backward
+
+# Slots of the per-step vector; gradient norms follow them.
+_IN_MEAN, _IN_STD, _IN_NONFINITE, _FP_SUM, _FP_DOT, _OUT_BAD, _STALE, _GRAD_NORM = range(8)
+_WIDTH = 8
+
+
+def first_float_tensor(value: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a value (tensor, tuple, list or dict, searched in order)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_floating_point() else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = first_float_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+@torch.no_grad()
+def input_summary(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[mean, std, non-finite count, sum, weighted sum of a strided subset] of `x`, on its device.
+
+    Four cheap passes over the input; the last two make the fingerprint.
+    """
+    flat = x.detach().reshape(-1).float()
+    std, mean = torch.std_mean(flat, correction=0)
+    nonfinite = flat.isfinite().logical_not().sum().to(flat.dtype)
+    stride = max(1, flat.numel() // FINGERPRINT_ELEMENTS)
+    subset = flat[::stride][: weights.numel()]
+    dot = (subset * weights[: subset.numel()]).sum()
+    return torch.stack([mean, std, nonfinite, flat.sum(), dot])
+
+
+class SignalsItem:
+    """One step's signals, decoded into a `signals` frame in the sender thread."""
+
+    def __init__(self, step: int, vector: torch.Tensor | None, labels: list[str], fields: dict[str, Any]) -> None:
+        self.step, self.labels, self.fields = step, labels, fields
+        self._event: Any = None
+        if vector is None:
+            self._host = None
+        elif vector.device.type == "cuda":
+            # The step's one small device-to-host copy; the sender waits on the event.
+            self._host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+            self._host.copy_(vector, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = vector.cpu()
+
+    def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
+        fields = dict(self.fields)
+        if self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            v = self._host.tolist()
+            if fields.pop("_has_input", False):
+                fields["input_mean"] = _finite_or_none(v[_IN_MEAN])
+                fields["input_std"] = _finite_or_none(v[_IN_STD])
+                fields["input_nonfinite"] = int(v[_IN_NONFINITE])
+                fields["input_fingerprint"] = f"{v[_FP_SUM]:.17g}/{v[_FP_DOT]:.17g}"
+            if fields.pop("_has_output", False):
+                fields["output_nonfinite"] = bool(v[_OUT_BAD])
+            if fields.pop("_has_stale", False):
+                fields["grads_stale"] = bool(v[_STALE])
+            if self.labels:
+                norms = v[_WIDTH:]
+                fields["grad_norm"] = v[_GRAD_NORM]
+                fields["nonfinite_grads"] = [label for label, n in zip(self.labels, norms) if not math.isfinite(n)]
+        return [("signals", self.step, fields)] if fields else []
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class StepSignals:
+    """The always-on hooks of one model; `end_step` packs and resets them."""
+
+    def __init__(self, model: nn.Module, names: dict[nn.Module, str], params: list[tuple[str, nn.Parameter]]) -> None:
+        """`params`: ("layer.param" label, parameter) in model order. Register `before_forward`
+        and `after_forward` on the top module (forward pre-hook and hook, `with_kwargs=True`),
+        wrapped so that they run only for grad-enabled forwards and never raise."""
+        self.model, self._names, self._params = model, names, params
+        self._weights: dict[torch.device, torch.Tensor] = {}
+        self._localisations = 0
+        self._replaying = False
+        self._check_stale = False
+        self._probes: list[nn.Parameter] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._training: bool | None = None
+        self._input: torch.Tensor | None = None
+        self._output_bad: torch.Tensor | None = None
+        self._stale: torch.Tensor | None = None
+        self._norms: torch.Tensor | None = None
+        self._norm_labels: list[str] = []
+        self._first_nonfinite: str | None = None
+        self._rng: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ hooks
+
+    def before_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._replaying:
+            return
+        self._training = module.training
+        x = first_float_tensor((args, kwargs))
+        if x is None or x.numel() == 0:
+            return
+        if self._input is None:  # the step's first forward (gradient accumulation: its first micro-batch)
+            self._input = input_summary(x, self._fingerprint_weights(x.device))
+        if x.device.type == "cpu" and self._localisations < MAX_LOCALISATIONS:
+            self._rng = torch.get_rng_state()  # ~5 KB copy: lets a replay see the same dropout masks
+
+    def after_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self._replaying:
+            return
+        out = first_float_tensor(output)
+        if out is None:
+            return
+        bad = torch.isfinite(out.detach()).all().logical_not()
+        self._output_bad = bad if self._output_bad is None else self._output_bad | bad
+        if self._check_stale and out.requires_grad:
+            out.register_hook(self._at_backward_start)
+            self._check_stale = False
+        # On the CPU the flag is already on the host: reading it costs nothing.
+        if out.device.type == "cpu" and self._first_nonfinite is None and bool(bad):
+            if self._localisations < MAX_LOCALISATIONS and self._rng is not None:
+                self._localisations += 1
+                self._first_nonfinite = self._locate(args, kwargs)
+
+    def _at_backward_start(self, grad: torch.Tensor) -> None:
+        """Fires when backward reaches the model's output: no parameter gradient is added yet."""
+        try:
+            held = [p.grad for p in self._probes if p.grad is not None]
+            with torch.no_grad():
+                # No gradient at all (zero_grad(set_to_none=True)) is as clean as all-zero ones.
+                self._stale = torch.stack([g.ne(0).any() for g in held]).any() if held else torch.tensor(False)
+        except Exception:  # never into the user's backward; the signal is simply missing
+            self._stale = None
+        return None  # the gradient flows on unchanged
+
+    # ------------------------------------------------------------ optimizer side
+
+    def read_grad_norms(self) -> None:
+        """Every gradient's L2 norm as the optimizer sees it; one fused call."""
+        labelled = [(label, p.grad) for label, p in self._params if p.grad is not None and not p.grad.is_sparse]
+        if not labelled:
+            return
+        self._norm_labels = [label for label, _ in labelled]
+        norms = torch._foreach_norm([g.detach() for _, g in labelled])
+        self._norms = torch.stack(norms).to(torch.float64)
+
+    def end_step(self, step: int) -> SignalsItem:
+        """Pack this step's signals (one vector, one copy) and get ready for the next step."""
+        device = next(
+            (t.device for t in (self._input, self._output_bad, self._stale, self._norms) if t is not None), None
+        )
+        vector = None
+        fields: dict[str, Any] = {}
+        if self._training is not None:
+            fields["training"] = self._training
+        if self._first_nonfinite is not None:
+            fields["first_nonfinite"] = self._first_nonfinite
+        if device is not None:
+            head = torch.full((_WIDTH,), float("nan"), dtype=torch.float64, device=device)
+            if self._input is not None:
+                head[_IN_MEAN : _FP_DOT + 1] = self._input.to(torch.float64)
+                fields["_has_input"] = True
+            if self._output_bad is not None:
+                head[_OUT_BAD] = self._output_bad.to(torch.float64)
+                fields["_has_output"] = True
+            if self._stale is not None:
+                head[_STALE] = self._stale.to(torch.float64)
+                fields["_has_stale"] = True
+            parts = [head]
+            if self._norms is not None:
+                head[_GRAD_NORM] = self._norms.norm()
+                parts.append(self._norms)
+            vector = torch.cat(parts)
+        item = SignalsItem(step, vector, self._norm_labels if self._norms is not None else [], fields)
+        self._probes = [p for _, p in self._params if p.grad is not None][-STALE_PROBES:]
+        self._check_stale = True
+        self._reset()
+        return item
+
+    # ------------------------------------------------------------ localisation
+
+    def _locate(self, args: Any, kwargs: Any) -> str | None:
+        """Replay this forward to find the first module (in the order outputs were produced) gone non-finite.
+
+        Runs under no_grad with the RNG state of the original forward and
+        restores RNG and buffers afterwards, so training sees no difference.
+        """
+        x = first_float_tensor((args, kwargs))
+        if x is not None and not bool(torch.isfinite(x).all()):
+            return "input"
+        found: list[str] = []
+
+        def spot(module: nn.Module, _args: Any, output: Any) -> None:
+            out = first_float_tensor(output)
+            if not found and out is not None and not bool(torch.isfinite(out).all()):
+                found.append(self._names.get(module, "?"))
+
+        handles = [m.register_forward_hook(spot) for m in self._names if m is not self.model]
+        rng_after = torch.get_rng_state()
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self._replaying = True
+        try:
+            torch.set_rng_state(self._rng)
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            self._replaying = False
+            for handle in handles:
+                handle.remove()
+            torch.set_rng_state(rng_after)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        return found[0] if found else self._names.get(self.model, "")
+
+    def _fingerprint_weights(self, device: torch.device) -> torch.Tensor:
+        weights = self._weights.get(device)
+        if weights is None:
+            # Fixed, position-dependent weights: a reordered batch changes the fingerprint.
+            weights = torch.linspace(1.0, 2.0, FINGERPRINT_ELEMENTS, device=device)
+            self._weights[device] = weights
+        return weights
+
+
+def target_counts(step: int, targets: Any) -> SignalsItem | None:
+    """The class counts of `mon.log(targets=...)` as a signals item; None if they are not class labels."""
+    if not isinstance(targets, torch.Tensor) or targets.numel() == 0:
+        return None
+    if targets.is_floating_point() or targets.is_complex():
+        return None  # regression targets (or one-hot/soft labels): no classes to count
+    flat = targets.detach().reshape(-1)
+    flat = flat[:: max(1, flat.numel() // TARGET_ELEMENTS)]
+    return _TargetCounts(step, flat)
+
+
+class _TargetCounts(SignalsItem):
+    """Targets copied to the host without waiting; counted in the sender thread."""
+
+    def __init__(self, step: int, flat: torch.Tensor) -> None:
+        # A CPU tensor is cloned (at most TARGET_ELEMENTS): the caller may reuse its buffer.
+        super().__init__(step, flat if flat.device.type == "cuda" else flat.clone(), [], {})
+
+    def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
+        if self._event is not None:
+            self._event.synchronize()
+        values, counts = torch.unique(self._host, return_counts=True)
+        counts_by_class = {str(int(v)): int(c) for v, c in zip(values.tolist(), counts.tolist())}
+        return [("signals", self.step, {"target_counts": counts_by_class})]

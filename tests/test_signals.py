@@ -1,0 +1,153 @@
+"""The always-on per-step signals, read from the frames the client would send."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from client_hook import monitor
+from tests.test_monitor import NOWHERE, frames
+
+
+class Blowup(nn.Module):
+    """exp() of its input: overflows to inf once the input passes ~88 (float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+def net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16), Blowup(), nn.Linear(16, 3))
+
+
+def signals_by_step(mon: monitor.Monitor) -> dict[int, dict]:
+    merged: dict[int, dict] = {}
+    for f in frames(mon, "signals"):
+        merged.setdefault(f["step"], {}).update(f)
+    return merged
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, mon: monitor.Monitor, x, y, zero: bool = True) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    if zero:
+        opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mon.log(loss=loss, targets=y)
+    return loss
+
+
+def test_every_step_carries_mode_input_output_grads_and_targets() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, every=5, close_timeout=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g) * 0.1, torch.tensor([0, 1, 2, 2] * 8)
+    step(model, opt, mon, x, y)
+    grads = [p.grad.norm() for p in model.parameters()]
+    step(model, opt, mon, x, y)  # the same batch again
+    step(model, opt, mon, x + 1, y)
+    with torch.no_grad():  # an evaluation forward: no signals, no step
+        model.eval()
+        model(x)
+        model.train()
+    sig = signals_by_step(mon)
+    assert sorted(sig) == [0, 1, 2]
+    s0 = sig[0]
+    assert (
+        s0["training"] is True and s0["output_nonfinite"] is False and "grads_stale" not in s0
+    )  # nothing to compare with at the first step
+    assert s0["input_mean"] == pytest.approx(x.mean().item(), abs=1e-6)
+    assert s0["input_std"] == pytest.approx(x.std(correction=0).item(), rel=1e-5)
+    assert s0["input_nonfinite"] == 0
+    assert s0["grad_norm"] == pytest.approx(torch.stack(grads).norm().item(), rel=1e-5)
+    assert s0["nonfinite_grads"] == []
+    assert s0["target_counts"] == {"0": 8, "1": 8, "2": 16}
+    assert sig[0]["input_fingerprint"] == sig[1]["input_fingerprint"] != sig[2]["input_fingerprint"]
+    mon.close()
+
+
+def test_fingerprint_changes_when_the_batch_is_reordered() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    step(model, opt, mon, x, y)
+    step(model, opt, mon, x.flip(0), y.flip(0))
+    sig = signals_by_step(mon)
+    assert sig[0]["input_fingerprint"] != sig[1]["input_fingerprint"]
+    mon.close()
+
+
+def test_eval_mode_while_stepping_is_reported() -> None:
+    model = net()
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    step(model, opt, mon, torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    assert signals_by_step(mon)[0]["training"] is False
+    mon.close()
+
+
+def test_gradients_not_zeroed_are_seen_at_the_next_backward() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x, y = torch.randn(8, 6) * 0.1, torch.randint(0, 3, (8,))
+    step(model, opt, mon, x, y)
+    step(model, opt, mon, x, y, zero=False)  # forgot zero_grad
+    step(model, opt, mon, x, y, zero=True)
+    loss = F.cross_entropy(model(x), y)  # zero_grad between forward and backward is fine
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mon.log(loss=loss)
+    sig = signals_by_step(mon)
+    assert [sig[s].get("grads_stale") for s in range(4)] == [None, True, False, False]
+    mon.close()
+
+
+def test_first_nonfinite_module_is_named_and_the_replay_leaves_no_trace() -> None:
+    def run(watch: bool) -> tuple[nn.Module, monitor.Monitor | None]:
+        model = net(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        mon = monitor.attach(model, opt, server=NOWHERE, every=1, close_timeout=0.1) if watch else None
+        torch.manual_seed(5)
+        for i in range(4):
+            x = torch.randn(8, 6) * (1.0 if i < 2 else 300.0)  # steps 2, 3: exp overflows in module "4"
+            loss = F.cross_entropy(model(x), torch.randint(0, 3, (8,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if mon is not None:
+                mon.log(loss=loss)
+        return model, mon
+
+    plain, _ = run(False)
+    plain_rng = torch.get_rng_state()
+    watched, mon = run(True)
+    assert torch.equal(plain_rng, torch.get_rng_state())  # dropout masks replayed, RNG restored
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, watched.state_dict()[key]) or (
+            value.isnan().all() and watched.state_dict()[key].isnan().all()
+        )
+    sig = signals_by_step(mon)
+    assert sig[1]["output_nonfinite"] is False and "first_nonfinite" not in sig[1]
+    assert sig[2]["output_nonfinite"] is True and sig[2]["first_nonfinite"] == "4"
+    assert sig[2]["nonfinite_grads"]  # the NaN reached the gradients too
+    mon.close()
+
+
+def test_nonfinite_input_is_named_input() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x = torch.randn(8, 6)
+    x[3, 2] = float("nan")
+    step(model, opt, mon, x, torch.randint(0, 3, (8,)))
+    sig = signals_by_step(mon)[0]
+    assert sig["input_nonfinite"] == 1 and sig["first_nonfinite"] == "input" and sig["input_mean"] is None
+    mon.close()
