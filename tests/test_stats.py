@@ -98,3 +98,50 @@ def test_update_ratio() -> None:
     assert stats.update_ratio(before, before.clone()).item() == 0.0
     assert stats.update_ratio(torch.zeros(2), torch.zeros(2)).item() == 0.0
     assert stats.update_ratio(torch.zeros(2), torch.ones(2)).item() == float("inf")
+
+
+def test_summarize_many_matches_the_reference_row_by_row() -> None:
+    g = torch.Generator().manual_seed(5)
+    tensors = [
+        torch.randn(4, 3, 5, 5, generator=g) * 2 + 1,
+        torch.randn(7, generator=g),
+        torch.tensor([1.0, float("nan"), 3.0, float("inf"), -float("inf"), 0.0]),
+        torch.tensor([float("nan"), float("inf")]),
+        torch.empty(0, 3),
+        torch.zeros(10),
+        torch.full((5, 5), 2.5),
+        torch.randn(100, generator=g).half(),
+        torch.randn(33, generator=g, dtype=torch.float64),
+        torch.randn(stats.BATCH_MAX_NUMEL + 1, generator=g),  # too big to batch: summarized alone
+        torch.randn(1, generator=g),
+    ]
+    matrix = stats.summarize_many(tensors)
+    assert matrix.shape == (len(tensors), stats.ROW_WIDTH) and matrix.dtype == torch.float64
+    for tensor, row in zip(tensors, matrix):
+        got, lo, hi, counts = stats.unpack_row(row.tolist())
+        if tensor.numel() == 0:
+            assert got["numel"] == 0 and got["nonfinite"] == 0 and math.isnan(got["mean"]) and sum(counts) == 0
+            continue
+        want, want_counts = reference(tensor.double().numpy())
+        for field in STAT_FIELDS:
+            if math.isnan(want[field]):
+                assert math.isnan(got[field]), field
+            else:
+                assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+        assert sum(counts) == tensor.numel() - want["nonfinite"]
+        assert sum(abs(a - b) for a, b in zip(counts, want_counts)) <= 2 * max(1, tensor.numel() // 1000)
+
+
+def test_summarize_many_chunks_and_empty_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats, "BATCH_CHUNK_NUMEL", 64)  # forces several chunks per size class
+    tensors = [torch.randn(30, generator=torch.Generator().manual_seed(i)) for i in range(9)]
+    assert torch.allclose(stats.summarize_many(tensors), torch.stack([stats.summarize(t) for t in tensors]))
+    assert stats.summarize_many([]).shape == (0, stats.ROW_WIDTH)
+
+
+def test_update_ratios_match_update_ratio() -> None:
+    befores = [torch.tensor([3.0, 4.0]), torch.zeros(2), torch.zeros(2), torch.tensor([3.0, 4.0])]
+    afters = [torch.tensor([3.0, 4.5]), torch.zeros(2), torch.ones(2), torch.tensor([3.0, 4.0])]
+    got = stats.update_ratios(befores, afters).tolist()
+    want = [stats.update_ratio(b, a).item() for b, a in zip(befores, afters)]
+    assert got == pytest.approx(want)
