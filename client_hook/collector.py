@@ -41,6 +41,16 @@ SUBSET_SIZE = 1 << 16
 
 Row = tuple[str, str, str]  # (layer, param, kind)
 
+# Saturating activations and the fraction of their outputs in the flat tails
+# (DIAGNOSTICS `saturated_units`: |tanh| > 0.99, sigmoid outside [0.01, 0.99]).
+SATURATION: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.Tanh: lambda t: (t.detach().abs() > 0.99).float().mean(),
+    nn.Hardtanh: lambda t: (t.detach().abs() >= 0.99).float().mean(),
+    nn.Softsign: lambda t: (t.detach().abs() > 0.99).float().mean(),
+    nn.Sigmoid: lambda t: ((t.detach() < 0.01) | (t.detach() > 0.99)).float().mean(),
+    nn.Hardsigmoid: lambda t: ((t.detach() <= 0.01) | (t.detach() >= 0.99)).float().mean(),
+}
+
 
 def first_float_tensor(value: Any) -> torch.Tensor | None:
     """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
@@ -63,10 +73,11 @@ class Sample:
     """One sampled step's summary rows, copied to the host once; decoded in the sender thread."""
 
     def __init__(
-        self, step: int, every: int, rows: list[Row], summaries: list[torch.Tensor], ratios: list[torch.Tensor]
+        self, step: int, every: int, rows: list[Row], summaries: list[torch.Tensor], extras: list[torch.Tensor]
     ):
+        """`extras`: per row, [update_ratio, sat_frac] (NaN where they do not apply)."""
         self.step, self.every, self.rows = step, every, rows
-        matrix = torch.cat([torch.stack(summaries), torch.stack(ratios).unsqueeze(1)], dim=1)
+        matrix = torch.cat([torch.stack(summaries), torch.stack(extras)], dim=1)
         if matrix.device.type == "cuda":
             # The step's one device-to-host copy, queued on the stream and not waited
             # for here: the sender thread synchronises on the event instead.
@@ -83,9 +94,9 @@ class Sample:
             self._event.synchronize()
         stat_rows, hist_rows = [], []
         for (layer, param, kind), values in zip(self.rows, self._host.tolist()):
-            summary, lo, hi, counts = stats.unpack_row(values[:-1])
-            ratio = values[-1]
-            stat_rows.append([layer, param, kind, *summary.values(), None if ratio != ratio else ratio])
+            summary, lo, hi, counts = stats.unpack_row(values[:-2])
+            ratio, sat = (None if v != v else v for v in values[-2:])  # NaN: does not apply
+            stat_rows.append([layer, param, kind, *summary.values(), ratio, sat])
             hist_rows.append([layer, param, kind, lo, hi, counts])
         return [
             ("layer_stats", self.step, {"rows": stat_rows, "every": self.every}),
@@ -116,7 +127,7 @@ class Collector:
         self._armed: list[RemovableHandle] = []  # activation hooks of the sampled step
         self._order_handles: list[RemovableHandle] = []
         self._seen_order: list[str] = []
-        self._activations: dict[str, torch.Tensor] = {}
+        self._activations: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._grads: list[tuple[Row, torch.Tensor]] = []
         self._snapshots: dict[int, torch.Tensor] = {}
         self._subsets: dict[int, torch.Tensor] = {}
@@ -223,7 +234,8 @@ class Collector:
             return  # a module called twice in one forward: its first call stands
         tensor = first_float_tensor(output)
         if tensor is not None:
-            self._activations[name] = stats.summarize(tensor)
+            saturation = SATURATION.get(type(module))
+            self._activations[name] = (stats.summarize(tensor), saturation(tensor) if saturation else None)
 
     def _disarm(self, module: nn.Module, args: Any, output: Any) -> None:
         for handle in self._armed:
@@ -286,18 +298,17 @@ class Collector:
         """Summary rows of this step's activations, gradients and weights, still on device."""
         by_device: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
 
-        def add(row: Row, summary: torch.Tensor, ratio: torch.Tensor | None) -> None:
+        def add(row: Row, summary: torch.Tensor, ratio: torch.Tensor | None = None, sat: torch.Tensor | None = None):
             bucket = by_device.setdefault(summary.device, ([], [], []))
             bucket[0].append(row)
             bucket[1].append(summary)
-            bucket[2].append(
-                ratio if ratio is not None else torch.full((), float("nan"), dtype=torch.float64, device=summary.device)
-            )
+            nan = torch.full((), float("nan"), dtype=torch.float64, device=summary.device)
+            bucket[2].append(torch.stack([nan if v is None else v.to(torch.float64) for v in (ratio, sat)]))
 
-        for name, summary in self._activations.items():
-            add((name, ACTIVATION_PARAM, "activation"), summary, None)
+        for name, (summary, sat) in self._activations.items():
+            add((name, ACTIVATION_PARAM, "activation"), summary, sat=sat)
         for row, summary in self._grads:
-            add(row, summary, None)
+            add(row, summary)
         for (layer, pname, _), param in self._parameters():
             before = self._snapshots.get(id(param)) if with_ratios else None
             ratio = stats.update_ratio(before, self._subset(param)) if before is not None else None

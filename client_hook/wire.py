@@ -36,10 +36,12 @@ STAT_FIELDS: tuple[str, ...] = ("mean", "std", "rms", "norm", "min", "max", "non
 
 # What a per-layer statistic describes. `weight` rows are parameter values after
 # the optimizer step and carry `update_ratio` = ||w_after - w_before|| / ||w_before||.
+# Activation rows of saturating modules (Tanh, Sigmoid, ...) carry `sat_frac`, the
+# fraction of outputs in the flat tails: |tanh| > 0.99, sigmoid outside [0.01, 0.99].
 TENSOR_KINDS: tuple[str, ...] = ("weight", "grad", "activation")
 ACTIVATION_PARAM = "output"  # the `param` of an activation row: the module's output
 
-LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "update_ratio")
+LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "update_ratio", "sat_frac")
 HISTOGRAM_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", "lo", "hi", "counts")
 HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i = 0..HIST_BINS
 
@@ -228,6 +230,7 @@ _STAT_CELLS: dict[str, Callable[[Any], str | None]] = {
     "nonfinite": _count,
     "numel": _count,
     "update_ratio": _number_or_null,
+    "sat_frac": _number_or_null,
 }
 _HIST_CELLS: dict[str, Callable[[Any], str | None]] = {
     "layer": _name,

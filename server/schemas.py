@@ -100,6 +100,7 @@ class LayerSeriesPublic(BaseModel):
     zero_frac: FiniteList
     numel: list[int | None]
     update_ratio: FiniteList
+    sat_frac: FiniteList
 
 
 class HistogramSeriesPublic(BaseModel):

@@ -22,10 +22,11 @@ from sqlalchemy.orm import Session
 
 from client_hook import wire
 from server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal
+from server.webhooks import outbox
 
 SEVERITIES: tuple[str, ...] = wire.SEVERITIES
 ALERT_NEW, ALERT_ESCALATED, ALERT_UPDATED = "new", "escalated", "updated"
-HEATMAP_STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio")
+HEATMAP_STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio", "sat_frac")
 _UINT32_MAX = 0xFFFFFFFF
 
 
@@ -233,6 +234,9 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     _upsert(session, Histogram.__table__, list(hists.values()))
     _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
     result.alerts = [upsert_alert(session, run_id=run_id, finding=finding, now=now) for run_id, finding in findings]
+    # In this transaction: an alert and its webhook deliveries commit together.
+    for alert, change in result.alerts:
+        outbox.enqueue(session, alert=alert, change=change, run=runs[alert.run_id], now=now)
 
     result.changed_runs = list(changed)
     result.stat_steps = {run_id: sorted(steps) for run_id, steps in stat_steps.items()}

@@ -119,6 +119,7 @@ class LayerStat(Base):
     zero_frac: Mapped[float | None] = mapped_column(Double)
     numel: Mapped[int | None] = mapped_column(BigInteger)
     update_ratio: Mapped[float | None] = mapped_column(Double)
+    sat_frac: Mapped[float | None] = mapped_column(Double)
 
 
 class Histogram(Base):

@@ -36,6 +36,7 @@ def stat_row(layer: str, param: str, kind: str, scale: float = 1.0) -> list[Any]
         "zero_frac": 0.0,
         "numel": 16,
         "update_ratio": 0.001 * scale if kind == "weight" else None,
+        "sat_frac": None,
     }
     return [layer, param, kind, *(stats[name] for name in wire.LAYER_STAT_COLUMNS[3:])]
 

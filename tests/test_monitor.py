@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from client_hook import monitor, stats
+from client_hook.wire import LAYER_STAT_COLUMNS
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: connection refused at once
 
@@ -159,7 +160,7 @@ def test_grad_stats_are_what_the_optimizer_saw() -> None:
     assert row[3:12] == pytest.approx(expected[:9])
     weight_row = next(r for r in frames(mon, "layer_stats")[0]["rows"] if r[:3] == ["head", "weight", "weight"])
     ratio = ((model.head.weight - before).norm() / before.norm()).item()
-    assert weight_row[-1] == pytest.approx(ratio, rel=1e-5)
+    assert weight_row[LAYER_STAT_COLUMNS.index("update_ratio")] == pytest.approx(ratio, rel=1e-5)
     mon.close()
 
 
@@ -255,4 +256,28 @@ def test_a_failing_hook_goes_quiet_and_training_continues(
     failures = [r for r in caplog.records if "hook failed" in r.getMessage()]
     assert len(failures) == 2  # once per part (activation, optimizer), not once per step
     assert len(frames(mon, "scalars")) == 4
+    mon.close()
+
+
+def test_saturation_is_measured_for_saturating_activations_only() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 3), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, every=1, close_timeout=0.1)
+    x = torch.randn(64, 6) * 100  # drives the tanh into its tails
+    loss = model(x).sum()
+    loss.backward()
+    opt.step()
+    mon.log(loss=loss)
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        expected_tanh = (h.abs() > 0.99).float().mean().item()
+        s = torch.sigmoid(model[2](h))
+        expected_sigmoid = ((s < 0.01) | (s > 0.99)).float().mean().item()
+    sat = LAYER_STAT_COLUMNS.index("sat_frac")
+    rows = {r[0]: r for r in frames(mon, "layer_stats")[0]["rows"] if r[2] == "activation"}
+    assert expected_tanh > 0.5
+    assert rows["1"][sat] == pytest.approx(expected_tanh, abs=0.02)  # weights moved by one step
+    assert rows["3"][sat] == pytest.approx(expected_sigmoid, abs=0.05)
+    assert rows["5"][sat] is None and rows["0"][sat] is None  # ReLU, Linear: does not apply
     mon.close()

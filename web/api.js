@@ -5,7 +5,7 @@
 // (client_hook/wire.py), unchanged.
 
 export const TENSOR_KINDS = ["weight", "grad", "activation"];
-export const STAT_FIELDS = ["mean", "std", "rms", "norm", "min", "max", "nonfinite", "zero_frac", "numel", "update_ratio"];
+export const STAT_FIELDS = ["mean", "std", "rms", "norm", "min", "max", "nonfinite", "zero_frac", "numel", "update_ratio", "sat_frac"];
 export const ACTIVATION_PARAM = "output";
 export const HIST_BINS = 32;
 export const SEVERITIES = ["critical", "warning", "info"];

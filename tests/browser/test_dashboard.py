@@ -66,6 +66,7 @@ def stat_row(layer: str, param: str, kind: str, scale: float, update_ratio: floa
         "zero_frac": 0.5 if kind == "activation" else 0.0,
         "numel": numel,
         "update_ratio": update_ratio,
+        "sat_frac": None,
     }
     return [layer, param, kind, *(row[c] for c in wire.LAYER_STAT_COLUMNS[3:])]
 
