@@ -1,4 +1,4 @@
-"""The `layerwatch` command: `serve`, `demo`, and (later) `diagnose` and `webhook test`."""
+"""The `layerwatch` command: `serve`, `demo`, `webhook test`, and (later) `diagnose`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,21 @@ def _serve(args: argparse.Namespace) -> int:
     from server.main import create_app
     from server.settings import Settings
 
+    # --webhook and LAYERWATCH_WEBHOOKS add up; the same URL twice is one webhook.
+    from_env = [u.strip() for u in os.environ.get("LAYERWATCH_WEBHOOKS", "").split(",") if u.strip()]
     try:
-        settings = Settings(host=args.host, port=args.port, db_url=args.db, token=args.token, webhooks=args.webhook)
+        settings = Settings(
+            host=args.host,
+            port=args.port,
+            db_url=args.db,
+            token=args.token,
+            webhooks=list(dict.fromkeys([*args.webhook, *from_env])),
+            webhook_secret=os.environ.get("LAYERWATCH_WEBHOOK_SECRET") or None,
+            webhook_min_severity=args.webhook_min_severity,
+            webhook_retry_for_s=args.webhook_retry_for,
+            webhook_rate_limit=args.webhook_rate,
+            public_url=args.public_url,
+        )
     except ValueError as exc:
         print(f"layerwatch serve: {exc}", file=sys.stderr)
         return 2
@@ -43,6 +56,28 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.demo_args)
 
 
+def _webhook_test(args: argparse.Namespace) -> int:
+    from server.settings import Settings, check_webhook_url
+    from server.webhooks import sender
+    from server.webhooks.worker import sample_delivery, send
+
+    try:
+        check_webhook_url(args.url)
+    except ValueError as exc:
+        print(f"layerwatch webhook test: {exc}", file=sys.stderr)
+        return 2
+    secret = args.secret or os.environ.get("LAYERWATCH_WEBHOOK_SECRET") or None
+    settings = Settings(webhook_secret=secret, webhook_timeout_s=args.timeout, public_url=args.public_url)
+    due = sample_delivery(args.url)
+    answer: sender.Answer = send(due, settings=settings)
+    signed = "signed" if secret else "unsigned"
+    if answer.ok:
+        print(f"{args.url} answered HTTP {answer.status_code} in {answer.latency_ms:.0f} ms ({signed} test alert)")
+        return 0
+    print(f"{args.url} did not accept the test alert ({signed}): {answer.error}", file=sys.stderr)
+    return 1
+
+
 def _not_yet(what: str, issue: int) -> int:
     print(f"layerwatch {what}: not yet implemented (issue {issue})", file=sys.stderr)
     return NOT_YET
@@ -66,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("LAYERWATCH_TOKEN"),
         help="require this token from training clients (default: $LAYERWATCH_TOKEN)",
     )
+    serve.add_argument(
+        "--webhook-min-severity",
+        choices=["info", "warning", "critical"],
+        default=os.environ.get("LAYERWATCH_WEBHOOK_MIN_SEVERITY", "warning"),
+        help="the --webhook ones get alerts of this severity and above (default %(default)s)",
+    )
+    serve.add_argument(
+        "--webhook-retry-for",
+        type=float,
+        default=float(os.environ.get("LAYERWATCH_WEBHOOK_RETRY_FOR", 24 * 3600)),
+        metavar="SECONDS",
+        help="keep retrying an undelivered alert this long (default %(default)g)",
+    )
+    serve.add_argument(
+        "--webhook-rate",
+        type=int,
+        default=int(os.environ.get("LAYERWATCH_WEBHOOK_RATE", 30)),
+        metavar="N",
+        help="at most N requests a minute to one webhook; more wait their turn (default %(default)s)",
+    )
+    serve.add_argument(
+        "--public-url",
+        default=os.environ.get("LAYERWATCH_PUBLIC_URL"),
+        help="the dashboard's address for links in webhooks (default: http://HOST:PORT)",
+    )
     serve.set_defaults(func=_serve)
 
     demo = commands.add_parser(
@@ -83,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
     webhook_test = webhook_commands.add_parser("test", help="send a test alert to URL")
     webhook_test.add_argument("url")
-    webhook_test.set_defaults(func=lambda args: _not_yet("webhook test", 4))
+    webhook_test.add_argument("--secret", help="sign with this secret (default: $LAYERWATCH_WEBHOOK_SECRET)")
+    webhook_test.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)g)")
+    webhook_test.add_argument("--public-url", help="the dashboard address for the sample's link")
+    webhook_test.set_defaults(func=_webhook_test)
     return parser
 
 

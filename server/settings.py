@@ -7,6 +7,7 @@ request that happens to need it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -14,9 +15,23 @@ from sqlalchemy.exc import ArgumentError
 from client_hook import wire
 
 
+def check_webhook_url(url: object) -> str:
+    """`url` if it is an absolute http(s) URL with a host; else ValueError naming it."""
+    if not isinstance(url, str):
+        raise ValueError(f"webhook URL must be a string, but got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"webhook URL {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"webhook URL {url!r} must be an http:// or https:// URL with a host")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Where to listen, where to store, and who may send."""
+    """Where to listen, where to store, who may send, and where alerts are posted."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -24,6 +39,20 @@ class Settings:
     token: str | None = None
     max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     webhooks: list[str] = field(default_factory=list)
+    # Signs every webhook without a secret of its own (env LAYERWATCH_WEBHOOK_SECRET).
+    webhook_secret: str | None = None
+    webhook_min_severity: str = "warning"  # for the --webhook ones; REST webhooks say their own
+    # How long an undelivered alert keeps being retried before it is marked failed.
+    webhook_retry_for_s: float = 24 * 3600.0
+    webhook_backoff_s: float = 1.0  # the first retry comes after up to this long; then doubling
+    webhook_backoff_max_s: float = 600.0
+    webhook_timeout_s: float = 10.0  # per request
+    # At most this many requests to one webhook per window; the rest wait their turn.
+    webhook_rate_limit: int = 30
+    webhook_rate_window_s: float = 60.0
+    # Where the dashboard is reached from outside, for the links in webhooks
+    # (default http://{host}:{port}).
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -46,5 +75,40 @@ class Settings:
         ):
             raise ValueError(f"max_message_bytes must be a positive integer, but got {self.max_message_bytes!r}")
         for url in self.webhooks:
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise ValueError(f"webhook {url!r} must be an http:// or https:// URL")
+            check_webhook_url(url)
+        if self.webhook_secret is not None and (not isinstance(self.webhook_secret, str) or not self.webhook_secret):
+            raise ValueError(f"webhook_secret must be a non-empty string or None, but got {self.webhook_secret!r}")
+        if self.webhook_min_severity not in wire.SEVERITIES:
+            raise ValueError(
+                f"webhook_min_severity must be one of {list(wire.SEVERITIES)}, but got {self.webhook_min_severity!r}"
+            )
+        for name in (
+            "webhook_retry_for_s",
+            "webhook_backoff_s",
+            "webhook_backoff_max_s",
+            "webhook_timeout_s",
+            "webhook_rate_window_s",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, but got {value!r}")
+        if (
+            not isinstance(self.webhook_rate_limit, int)
+            or isinstance(self.webhook_rate_limit, bool)
+            or (self.webhook_rate_limit <= 0)
+        ):
+            raise ValueError(f"webhook_rate_limit must be a positive integer, but got {self.webhook_rate_limit!r}")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url) if isinstance(self.public_url, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"public_url must be an http:// or https:// URL, but got {self.public_url!r}")
+
+    @property
+    def base_url(self) -> str:
+        """The dashboard's address as links in webhooks give it: public_url, else http://host:port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        # A wildcard address is not one a receiver could follow back.
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
