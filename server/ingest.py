@@ -22,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 
 from client_hook import wire
 from server import store
-from server.live import LiveHub, ingest_events
+from server.diagnosis.engine import Engine
+from server.live import LiveHub, alert_event, ingest_events
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
 
 
 def _receive(
-    sessions: sessionmaker[Session], message: dict[str, Any], limit: int
+    sessions: sessionmaker[Session], diagnosis: Engine, message: dict[str, Any], limit: int
 ) -> tuple[store.IngestResult, list[store.RunInfo]]:
     """Runs in a worker thread: parse and validate (a 16 MB batch takes a while to parse;
     the event loop keeps serving dashboards meanwhile), commit the batch, then read
@@ -84,6 +85,13 @@ def _receive(
     frames = _parse(message, limit)
     with WRITE_LOCK, sessions() as session:
         result = store.ingest_batch(session, frames=frames)
+        # The rules run on what was just committed; their alerts commit separately, after
+        # the data (store first: a rule failure can never lose a frame).
+        try:
+            result.alerts += diagnosis.process(session, frames)
+        except Exception:
+            session.rollback()
+            log.exception("diagnosing a batch failed; the batch itself is stored")
     with sessions() as session:
         runs = [store.get_run(session, run_id=run_id) for run_id in result.changed_runs]
     return result, [run for run in runs if run is not None]
@@ -96,6 +104,14 @@ async def _reject(websocket: WebSocket, text: str, code: int) -> None:
         await websocket.close(code=code, reason=text[:120])  # a close reason is at most 123 bytes
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client is gone already; nothing to tell it
+
+
+def _diagnosis(websocket: WebSocket) -> Engine:
+    """The app's diagnosis engine (one per server process, created on first use)."""
+    state = websocket.app.state
+    if getattr(state, "diagnosis", None) is None:
+        state.diagnosis = Engine()
+    return state.diagnosis
 
 
 @router.websocket("/ws/ingest")
@@ -119,7 +135,9 @@ async def ingest(websocket: WebSocket) -> None:
             log.info("ingest connection from %s closed", websocket.client)
             return
         try:
-            result, runs = await run_in_threadpool(_receive, sessions, message, settings.max_message_bytes)
+            result, runs = await run_in_threadpool(
+                _receive, sessions, _diagnosis(websocket), message, settings.max_message_bytes
+            )
         except BadMessage as exc:
             await _reject(websocket, str(exc), exc.code)
             return
@@ -131,5 +149,12 @@ async def ingest(websocket: WebSocket) -> None:
             await _reject(websocket, f"the server could not store this batch: {exc}", status.WS_1011_INTERNAL_ERROR)
             return
         await websocket.send_json(wire.ack(result.acked))
+        for alert, change in result.alerts:
+            # Back to the training process, which logs it once and calls on_alert. Findings
+            # the client made itself (preflight) are not echoed.
+            if change in (store.ALERT_NEW, store.ALERT_ESCALATED) and alert.run_id in result.acked:
+                if (alert.evidence or {}).get("source") != "preflight":
+                    public = alert_event(alert)["alert"]
+                    await websocket.send_json({"kind": "alert", "alert": {**public, "run_id": alert.run_id}})
         log.debug("stored %d frames, %d replayed", result.stored_frames, result.replayed_frames)
         hub.publish(ingest_events(result, runs))

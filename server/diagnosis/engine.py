@@ -1,0 +1,131 @@
+"""Runs every rule over each run's steps, live after each committed batch and on a stored run.
+
+Live: ingest hands the engine the frames it just committed; the engine adds
+them to the run's history and evaluates every step that is complete (all steps
+before the newest one; at run_end, all), in step order, so the cost of a batch
+depends on its steps and the rules' windows, not on the run's length. Findings
+become alerts through `store.upsert_alert` (one per run, rule and layer).
+
+Replay (`diagnose`, and rebuilding a run's history after a server restart)
+reads the stored rows back in step order and feeds the same history, so a
+stored run gets the same findings as it did live, and new ones after a rule
+improves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from server import store
+from server.diagnosis import replay
+from server.diagnosis.history import RunHistory
+from server.diagnosis.rules import RULES
+from server.diagnosis.view import RunView
+from server.store import Finding
+
+log = logging.getLogger(__name__)
+
+
+class RunDiagnosis:
+    """One run's history, each rule's state, and how far the rules have looked."""
+
+    def __init__(self, run_id: str, model: Any = None, optimizer: Any = None, config: Any = None) -> None:
+        self.history = RunHistory(run_id, model, optimizer, config)
+        self.states: dict[str, dict[str, Any]] = {rule.RULE_ID: {} for rule in RULES}
+        self.evaluated_upto = -1
+        self.last_seq = -1  # frames at or below it were fed already (a client replaying after a lost ack)
+        self._broken: set[str] = set()
+
+    def evaluate(self) -> list[Finding]:
+        """Run every rule on each step not evaluated yet that can no longer receive data."""
+        last = self.history.max_step if self.history.finished else self.history.max_step - 1
+        steps = [s for s in self.history.records if self.evaluated_upto < s <= last]
+        findings: list[Finding] = []
+        for step in steps:
+            view = RunView(self.history, step)
+            for rule in RULES:
+                if rule.RULE_ID in self._broken:
+                    continue
+                try:
+                    findings.extend(rule.check(view, self.states[rule.RULE_ID]) or [])
+                except Exception:  # a rule bug must not stop the others or ingest
+                    self._broken.add(rule.RULE_ID)
+                    log.exception(
+                        "rule %s failed on run %s at step %d; it is off for this run",
+                        rule.RULE_ID,
+                        self.history.run_id,
+                        step,
+                    )
+        self.evaluated_upto = max(self.evaluated_upto, last)
+        return findings
+
+
+def merge(findings: list[Finding]) -> list[tuple[Finding, int]]:
+    """One finding per (rule, layer): the latest, with the first step and how many times it fired."""
+    merged: dict[tuple[str, str | None], tuple[Finding, int]] = {}
+    first: dict[tuple[str, str | None], int] = {}
+    for f in findings:
+        key = (f.rule, f.layer)
+        first.setdefault(key, f.step)
+        previous = merged.get(key)
+        severity = f.severity
+        if previous is not None and store.SEVERITIES.index(previous[0].severity) > store.SEVERITIES.index(severity):
+            severity = previous[0].severity
+        latest = Finding(f.rule, severity, f.layer, f.step, f.message, f.remedy, f.evidence)
+        merged[key] = (latest, (previous[1] if previous else 0) + 1)
+    return [(f, n) for key, (f, n) in merged.items() for f in [_with_first(f, first[key])]]
+
+
+def _with_first(f: Finding, first_step: int) -> Finding:
+    evidence = dict(f.evidence or {})
+    evidence.setdefault("first_step", first_step)
+    return Finding(f.rule, f.severity, f.layer, f.step, f.message, f.remedy, evidence)
+
+
+class Engine:
+    """The live engine of one server process. Called with ingest's write lock held."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunDiagnosis] = {}
+
+    def process(self, session: Session, frames: list[dict[str, Any]]) -> list[tuple[store.AlertInfo, str]]:
+        """Feed newly stored frames, evaluate, upsert alerts, commit; return the alerts that changed."""
+        by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for frame in frames:
+            by_run[frame["run_id"]].append(frame)
+        changes: list[tuple[store.AlertInfo, str]] = []
+        now = time.time()
+        for run_id, run_frames in by_run.items():
+            diagnosis = self._runs.get(run_id)
+            if diagnosis is None:
+                diagnosis = self._runs[run_id] = self._resume(session, run_id, run_frames)
+            for frame in sorted(run_frames, key=lambda f: f["seq"]):
+                if frame["seq"] > diagnosis.last_seq:
+                    diagnosis.history.add_frame(frame)
+                    diagnosis.last_seq = frame["seq"]
+            for finding, _times in merge(diagnosis.evaluate()):
+                changes.append(store.upsert_alert(session, run_id=run_id, finding=finding, now=now))
+            if diagnosis.history.finished:
+                del self._runs[run_id]  # a finished run needs no live state
+        session.commit()
+        return changes
+
+    def _resume(self, session: Session, run_id: str, frames: list[dict[str, Any]]) -> RunDiagnosis:
+        """A run first seen by this process: new, or begun before a restart (then rebuilt from the database)."""
+        first_step = min(f["step"] for f in frames)
+        if any(f["kind"] == "run_start" for f in frames) and first_step == 0:
+            return RunDiagnosis(run_id)
+        # Rebuilt quietly: what it found before the restart is stored already.
+        diagnosis, _ = replay.replay(session, run_id=run_id, before_step=first_step, make=RunDiagnosis)
+        return diagnosis
+
+
+def diagnose_stored_run(session: Session, *, run_id: str) -> list[tuple[Finding, int]]:
+    """Every finding of every rule on a stored run, merged per (rule, layer) as alerts would be."""
+    _, findings = replay.replay(session, run_id=run_id, before_step=None, make=RunDiagnosis)
+    return merge(findings)

@@ -1,0 +1,156 @@
+"""What a rule sees: a run's history as of one step, with the model's description.
+
+Rules are plain functions `check(view, state) -> list[Finding]`; the view gives
+them windows over the past (never the future: everything is cut at `step`),
+the model as the client described it (modules in forward order, parameters,
+optimizer), and `finding(...)` to phrase a result with the catalogue's remedy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from client_hook.catalog import RULES
+from server.diagnosis.history import RunHistory, StepRecord
+from server.store import Finding
+
+
+class RunView:
+    def __init__(self, history: RunHistory, step: int) -> None:
+        self.history = history
+        self.step = step
+        modules = history.model.get("modules", [])
+        self.modules: list[dict[str, Any]] = modules
+        self.module_index = {m["name"]: i for i, m in enumerate(modules)}
+
+    # ------------------------------------------------------------ the present
+
+    @property
+    def record(self) -> StepRecord:
+        return self.history.records.get(self.step) or StepRecord(self.step)
+
+    @property
+    def sample(self) -> StepRecord | None:
+        """This step's layer statistics, if this step was sampled."""
+        rec = self.history.records.get(self.step)
+        return rec if rec is not None and rec.stats is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return self.history.finished and self.step >= self.history.max_step
+
+    # ------------------------------------------------------------ the past
+
+    def records(self, last: int | None = None) -> list[StepRecord]:
+        """The last `last` stored steps up to and including this one, oldest first."""
+        return self._recent(lambda r: True, last)
+
+    def _recent(self, keep: Any, last: int | None) -> list[StepRecord]:
+        # Walks back from the newest step and stops after `last`: the cost of a rule
+        # is its window, not the run's length.
+        out: list[StepRecord] = []
+        for rec in reversed(self.history.records.values()):
+            if rec.step > self.step or not keep(rec):
+                continue
+            out.append(rec)
+            if last is not None and len(out) >= last:
+                break
+        return out[::-1]
+
+    def series(self, key: str, last: int | None = None) -> list[tuple[int, float]]:
+        """(step, value) of a scalar over the last `last` steps that logged it, oldest first."""
+        out: list[tuple[int, float]] = []
+        for rec in reversed(self.history.records.values()):
+            if rec.step > self.step or key not in rec.scalars:
+                continue
+            out.append((rec.step, rec.scalars[key]))
+            if last is not None and len(out) >= last:
+                break
+        return out[::-1]
+
+    def signals(self, last: int | None = None) -> list[StepRecord]:
+        """The last `last` steps that carried signals, oldest first."""
+        return self._recent(lambda r: bool(r.signals), last)
+
+    def samples(self, last: int | None = None) -> list[StepRecord]:
+        """The last `last` sampled steps up to this one, oldest first."""
+        out = [r for r in self.history.samples if r.step <= self.step]
+        return out[-last:] if last else out
+
+    # ------------------------------------------------------------ the model
+
+    def module(self, name: str) -> dict[str, Any] | None:
+        i = self.module_index.get(name)
+        return None if i is None else self.modules[i]
+
+    def params(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(layer, param name, description) of every parameter, in forward order of modules."""
+        for module in self.modules:
+            for p in module.get("params", []):
+                if isinstance(p, dict):
+                    yield module["name"], p["name"], p
+
+    def order(self, layer: str | None) -> int:
+        """Position of a module in forward order (unknown names last)."""
+        return self.module_index.get(layer or "", len(self.modules))
+
+    def module_type(self, name: str) -> str | None:
+        m = self.module(name)
+        return None if m is None else m.get("type")
+
+    @property
+    def optimizer(self) -> dict[str, Any] | None:
+        return self.history.optimizer
+
+    # ------------------------------------------------------------ phrasing
+
+    def finding(
+        self,
+        rule: str,
+        message: str,
+        *,
+        layer: str | None = None,
+        evidence: dict[str, Any] | None = None,
+        severity: str | None = None,
+    ) -> Finding:
+        """A finding of `rule` at this step, with the catalogue's severity and remedy unless overridden."""
+        info = RULES[rule]
+        return Finding(
+            rule=rule,
+            severity=severity or info.severity,
+            layer=layer,
+            step=self.step,
+            message=message,
+            remedy=info.remedy,
+            evidence=_json_safe(evidence) if evidence else None,
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    """Evidence is stored as JSON: NaN/±Inf become strings a reader can still see."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def fmt(value: float | None) -> str:
+    """A measured value for a message: 3 significant digits, NaN/Inf spelled out."""
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3g}"
+
+
+def median(values: list[float]) -> float:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return math.nan
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2

@@ -1,0 +1,64 @@
+"""The fault suite's harness: one real `layerwatch serve` for the session, and `train_and_diagnose`.
+
+Every training here is real (real model, real optimizer, real or synthetic
+data), streamed by the real client to the real server, whose diagnosis engine
+raises alerts; a test reads them back over REST exactly as the dashboard does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from client_hook import monitor
+from tests.serving import serve
+
+
+@pytest.fixture(scope="session")
+def diag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve(tmp_path_factory.mktemp("faults") / "faults.db") as url:
+        yield url
+
+
+Alerts = list[dict[str, Any]]
+
+
+@pytest.fixture
+def train_and_diagnose(diag_server: str) -> Callable[..., Alerts]:
+    """train_and_diagnose(train, model, optimizer=None, **attach) -> the run's alerts.
+
+    `train(mon)` runs the training loop, logging through `mon`; the monitor is
+    closed (everything delivered and diagnosed) before the alerts are read.
+    """
+
+    def run(train: Callable[[monitor.Monitor], None], model: Any, optimizer: Any = None, **attach: Any) -> Alerts:
+        attach.setdefault("run", f"fault-{train.__name__}")
+        mon = monitor.attach(model, optimizer=optimizer, server=diag_server, close_timeout=60, **attach)
+        with mon:
+            train(mon)
+        assert mon.status()["dropped"] == {}, mon.status()
+        alerts = httpx.get(f"{diag_server}/api/runs/{mon.run_id}/alerts", timeout=30).json()
+        run.last_run_id = mon.run_id  # type: ignore[attr-defined]
+        return alerts
+
+    return run
+
+
+def alarms(alerts: Alerts) -> Alerts:
+    """The alerts that count as alarms: warning and critical."""
+    return [a for a in alerts if a["severity"] in ("warning", "critical")]
+
+
+def by_rule(alerts: Alerts, rule: str) -> Alerts:
+    return [a for a in alerts if a["rule"] == rule]
+
+
+def describe(alerts: Alerts) -> str:
+    return "; ".join(f"{a['rule']}[{a['severity']}] {a['layer']!r} @{a['step']}: {a['message']}" for a in alerts)
+
+
+DATA = Path(__file__).parent
