@@ -31,6 +31,7 @@ from torch import nn
 from client_hook import __version__
 from client_hook.collector import Collector, Sample
 from client_hook.model_info import describe_model, describe_optimizer, group_lrs
+from client_hook.preflight import preflight  # noqa: F401  (public: monitor.preflight)
 from client_hook.sampling import DEFAULT_OVERHEAD, Schedule
 from client_hook.sender import Frame, Sender
 from client_hook.signals import target_counts
