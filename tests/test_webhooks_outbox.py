@@ -151,3 +151,26 @@ def test_the_body_is_compact_json_whose_text_is_one_line(tmp_path: Path) -> None
     assert data["text"] == "[critical] r in run 'n' (layer fc1) at step 3: two lines http://h:1/#/run/id"
     assert data["evidence"] == {"v": None} and data["sent_at"] == "1970-01-01T00:00:00.000Z"
     assert signing.verify(body, "k", signing.sign(body, "k")) and not signing.verify(body, "k", signing.sign(body, "j"))
+
+
+def test_an_alert_raised_outside_ingest_is_sent_when_enqueued_in_its_transaction(
+    db_url: str, receiver: Receiver, run_frames: Any
+) -> None:
+    """What the diagnosis engine does: upsert_alert, then outbox.enqueue, then commit, in one session."""
+    from server import store
+
+    with app_client(db_url, webhooks=[receiver.url]) as client:
+        send(client, run_frames(end=False))
+        with client.app.state.sessions() as session:
+            found = store.Finding(
+                rule="loss_diverging", severity="critical", layer=None, step=2, message="m", remedy="r"
+            )
+            alert, change = store.upsert_alert(session, run_id="run-1", finding=found, now=time.time())
+            assert outbox.enqueue(session, alert=alert, change=change, now=time.time()) == 1
+            session.commit()
+        (request,) = receiver.wait_for(1)
+        assert (request.json["rule"], request.json["run"], request.json["project"]) == (
+            "loss_diverging",
+            "demo",
+            "proj",
+        )

@@ -36,6 +36,7 @@ const S = {
   scalars: {}, // key -> {steps, values, loading, pending}
   shownKeys: [],
   alerts: [],
+  webhooks: {}, // alert id -> {state, delivered, pending, failed}; empty: no webhook column
   heat: { kind: "grad", stat: "norm", param: "weight" },
   heatData: null,
   updateData: null,
@@ -336,7 +337,33 @@ async function loadHistogram(gen) {
 
 const SEVERITY_RANK = Object.fromEntries(SEVERITIES.map((s, i) => [s, i]));
 
+// The webhook column shows only where some alert of this run has deliveries.
+function webhookCell(summary) {
+  if (!summary) return el("td", { className: "mono", text: "—", title: "not sent: below every webhook's minimum severity" });
+  const title = `${summary.delivered} delivered · ${summary.pending} pending · ${summary.failed} failed`;
+  return el("td", { className: `mono webhook-${summary.state}`, text: summary.state, title });
+}
+
+let webhookTimer = null;
+
+// Delivery states come from /api/webhooks/summary; while any is pending, look again every 2 s.
+async function loadWebhooks(gen) {
+  clearTimeout(webhookTimer);
+  let summary = [];
+  try {
+    const response = await fetch(`/api/webhooks/summary?run_id=${encodeURIComponent(S.id)}`);
+    if (response.ok) summary = await response.json();
+  } catch {
+    /* an extra column: the table is whole without it */
+  }
+  if (gen !== S.gen) return;
+  S.webhooks = Object.fromEntries(summary.map((s) => [s.alert_id, s]));
+  renderAlerts();
+  if (summary.some((s) => s.state === "pending")) webhookTimer = setTimeout(() => loadWebhooks(gen), 2000);
+}
+
 function renderAlerts() {
+  const showHooks = Object.keys(S.webhooks).length > 0;
   const alerts = S.alerts
     .slice()
     .sort((a, b) => (SEVERITY_RANK[a.severity] ?? 9) - (SEVERITY_RANK[b.severity] ?? 9) || a.step - b.step);
@@ -352,8 +379,13 @@ function renderAlerts() {
       el("td", { className: "num mono", text: a.count ?? 1 }),
       el("td", { text: a.message }),
       el("td", { className: "remedy", text: a.remedy ?? "" }),
+      showHooks ? webhookCell(S.webhooks[a.id]) : null,
     ),
   );
+  const head = $("alerts-table").tHead.rows[0];
+  const th = head.querySelector(".webhook-col");
+  if (showHooks && !th) head.append(el("th", { className: "webhook-col", text: "webhook" }));
+  if (!showHooks && th) th.remove();
   $("alerts-body").replaceChildren(...rows);
   $("alerts-table").hidden = rows.length === 0;
   $("alerts-empty").hidden = rows.length > 0;
@@ -370,6 +402,7 @@ function onAlert(alert) {
   }
   renderAlerts();
   drawScalars();
+  loadWebhooks(S.gen);
 }
 
 // ------------------------------------------------------------------ loading
@@ -423,6 +456,7 @@ async function load() {
     S.alerts = alerts;
     renderAlerts();
     drawScalars();
+    loadWebhooks(gen);
     await Promise.all([loadMainHeatmap(gen), loadUpdateHeatmap(gen), loadHistogram(gen)]);
   } catch (err) {
     if (gen !== S.gen) return;
@@ -463,6 +497,7 @@ export const runView = {
     S.run = null;
     S.shownKeys = [];
     S.alerts = [];
+    S.webhooks = {};
     S.seriesKey = null;
     S.heat = { kind: "grad", stat: "norm", param: "weight" };
     for (const name of ["run-name", "run-project", "run-step", "run-loss", "run-optimizer", "run-every"]) setText(name, "");

@@ -76,19 +76,24 @@ def _project_of(session: Session, run: RunInfo | Run) -> str:
     return run.project
 
 
-def enqueue(session: Session, *, alert: AlertInfo, change: str, run: RunInfo | Run, now: float) -> int:
+def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run: RunInfo | Run | None = None) -> int:
     """Add one pending delivery of `alert` per webhook that wants it; return how many.
 
     Only a new or escalated alert is sent (`change` from `store.upsert_alert`);
     a webhook wants it when the alert's severity is at least its
-    `min_severity` and it is for every project or the run's. Not committed
-    here: call inside the transaction that upserted the alert.
+    `min_severity` and it is for every project or the run's. `run` (a
+    `store.RunInfo` or a `tables.Run` row) saves a lookup; without it the run
+    is read by `alert.run_id`. Not committed here: call inside the transaction
+    that upserted the alert, before its commit.
     """
     if change not in SEND_ON:
         return 0
     webhooks = session.scalars(select(Webhook).order_by(Webhook.id)).all()
     if not webhooks:
         return 0  # the common case: one query, nothing else
+    run = run if run is not None else session.get(Run, alert.run_id)
+    if run is None:
+        raise ValueError(f"alert {alert.id} is for run {alert.run_id!r}, which is not stored")
     project = _project_of(session, run)
     rank = wire.SEVERITIES.index(alert.severity)
     wanted = [
