@@ -1,4 +1,4 @@
-"""The `layerwatch` command: `serve`, `demo`, `webhook test`, and (later) `diagnose`."""
+"""The `layerwatch` command: `serve`, `demo`, `diagnose` and `webhook test`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-NOT_YET = 2  # exit status of the subcommands that later issues implement
+from server.diagnosis import cli as diagnosis_cli
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -78,11 +78,6 @@ def _webhook_test(args: argparse.Namespace) -> int:
     return 1
 
 
-def _not_yet(what: str, issue: int) -> int:
-    print(f"layerwatch {what}: not yet implemented (issue {issue})", file=sys.stderr)
-    return NOT_YET
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerwatch", description="A live training monitor for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     diagnose = commands.add_parser("diagnose", help="re-run the diagnosis rules on a stored run")
-    diagnose.add_argument("run", help="run id or name")
-    diagnose.set_defaults(func=lambda args: _not_yet("diagnose", 3))
+    diagnosis_cli.add_arguments(diagnose, default_db=os.environ.get("LAYERWATCH_DB", "sqlite:///./layerwatch.db"))
+    diagnose.set_defaults(func=diagnosis_cli.run)
 
     webhook = commands.add_parser("webhook", help="webhook tools")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)

@@ -19,8 +19,14 @@ from tests.serving import serve
 
 
 @pytest.fixture(scope="session")
-def diag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tmp_path_factory.mktemp("faults") / "faults.db") as url:
+def diag_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session server's SQLite file (for `layerwatch diagnose --db`)."""
+    return tmp_path_factory.mktemp("faults") / "faults.db"
+
+
+@pytest.fixture(scope="session")
+def diag_server(diag_db: Path) -> Iterator[str]:
+    with serve(diag_db) as url:
         yield url
 
 

@@ -59,3 +59,49 @@ def test_nan_in_the_input_batch_is_named_input(train_and_diagnose) -> None:
     found = by_rule(train_and_diagnose(train, model, opt), "non_finite")
     assert [(a["step"], a["layer"]) for a in found] == [(12, None)]
     assert "input batch" in found[0]["message"]
+
+
+def test_the_alert_reaches_the_training_process_and_diagnose_finds_it_again(
+    train_and_diagnose, diag_db, caplog
+) -> None:
+    import logging
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), Exp(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    received: list[dict] = []
+
+    def train(mon) -> None:
+        for step in range(40):
+            x = torch.randn(16, 8) * (1.0 if step < 10 else 200.0)
+            loss = F.cross_entropy(model(x), torch.randint(0, 4, (16,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.log(loss=loss)
+
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        alerts = train_and_diagnose(train, model, opt, on_alert=received.append, run="nan-callback")
+    assert [(a["rule"], a["layer"], a["step"]) for a in received] == [("non_finite", "3", 10)], received
+    logged = [r.getMessage() for r in caplog.records if "non_finite" in r.getMessage()]
+    assert len(logged) == 1 and "'3'" in logged[0]  # logged once, in the user's terminal
+    assert by_rule(alerts, "non_finite")[0]["step"] == 10
+
+    run_id = train_and_diagnose.last_run_id
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "diagnose", run_id, "--db", f"sqlite:///{diag_db}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "critical non_finite [3]  steps 10..10" in out, out
+    missing = subprocess.run(
+        [sys.executable, "-m", "server", "diagnose", "no-such-run", "--db", f"sqlite:///{diag_db}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1 and "no-such-run" in missing.stderr
