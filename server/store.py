@@ -413,41 +413,120 @@ def run_series(session: Session, *, run_id: str, model: dict[str, Any] | None) -
 # ---------------------------------------------------------------- series
 
 
-def scalar_series(session: Session, *, run_id: str, key: str) -> tuple[list[int], list[float | None]]:
-    """(steps, values) of one scalar, ascending steps; NULL (a NaN in SQLite) reads as None."""
+DEFAULT_MAX_POINTS = 2000  # per trace: about a screen's width of pixels
+
+
+def _bucket_width(
+    session: Session, table: Any, where: list[Any], start: int | None, end: int | None, max_points: int | None
+) -> int:
+    """Steps per bucket for a step range so that it has at most `max_points` buckets; 1 is full resolution.
+
+    The range defaults to the stored one, found with MIN/MAX on an index (no scan).
+    """
+    if max_points is None or (start is not None and end is not None and end - start + 1 <= max_points):
+        return 1
+    lo, hi = session.execute(select(func.min(table.c.step), func.max(table.c.step)).where(*where)).one()
+    if lo is None:
+        return 1
+    lo = lo if start is None else max(lo, start)
+    hi = hi if end is None else min(hi, end)
+    return max(1, -(-(hi - lo + 1) // max_points))  # ceiling division
+
+
+def _step_range(column: Any, start: int | None, end: int | None) -> list[Any]:
+    return ([column >= start] if start is not None else []) + ([column <= end] if end is not None else [])
+
+
+def scalar_series(
+    session: Session,
+    *,
+    run_id: str,
+    key: str,
+    start: int | None = None,
+    end: int | None = None,
+    max_points: int | None = None,
+) -> tuple[list[int], list[float | None]]:
+    """(steps, values) of one scalar, ascending steps; NULL (a NaN in SQLite) reads as None.
+
+    Steps in [start, end]; with `max_points`, ranges longer than that are cut into
+    buckets and each keeps its minimum and maximum (at the bucket's first and last
+    step), so a spike survives any zoom level. A NaN inside a bucket is dropped then.
+    """
+    table = Scalar.__table__
+    where = [table.c.run_id == run_id, table.c.key == key, *_step_range(table.c.step, start, end)]
+    width = _bucket_width(session, table, where, start, end, max_points)
+    if width == 1:
+        rows = session.execute(select(table.c.step, table.c.value).where(*where).order_by(table.c.step)).all()
+        return [r.step for r in rows], [r.value for r in rows]
+    bucket = table.c.step // width  # SQLAlchemy 2 renders integer floor division for both dialects
     rows = session.execute(
-        select(Scalar.step, Scalar.value).where(Scalar.run_id == run_id, Scalar.key == key).order_by(Scalar.step)
+        select(func.min(table.c.step), func.max(table.c.step), func.min(table.c.value), func.max(table.c.value))
+        .where(*where)
+        .group_by(bucket)
+        .order_by(bucket)
     ).all()
-    return [r.step for r in rows], [r.value for r in rows]
+    steps: list[int] = []
+    values: list[float | None] = []
+    for first, last, low, high in rows:
+        steps.append(first)
+        values.append(low)
+        if last != first:
+            steps.append(last)
+            values.append(high)
+    return steps, values
 
 
 def heatmap(
-    session: Session, *, run_id: str, kind: str, stat: str, param: str | None = None, model: dict[str, Any] | None
+    session: Session,
+    *,
+    run_id: str,
+    kind: str,
+    stat: str,
+    param: str | None = None,
+    model: dict[str, Any] | None,
+    start: int | None = None,
+    end: int | None = None,
+    max_points: int | None = None,
 ) -> dict[str, Any]:
     """One statistic of every (layer, param) of one kind, as a rows x steps matrix.
 
     Rows follow the model's forward order; a step where a row has no value is None.
+    Columns are the steps in [start, end]; with `max_points`, a longer range is cut
+    into buckets, each column labelled with its first step and holding the bucket's
+    extreme (MIN for `min`, MAX otherwise) so a spike survives.
     """
     if kind not in wire.TENSOR_KINDS:
         raise ValueError(f"kind must be one of {list(wire.TENSOR_KINDS)}, but got {kind!r}")
     if stat not in HEATMAP_STATS:
         raise ValueError(f"stat must be one of {list(HEATMAP_STATS)}, but got {stat!r}")
-    column = LayerStat.__table__.c[stat]
-    query = select(LayerStat.step, LayerStat.layer, LayerStat.param, column).where(
-        LayerStat.run_id == run_id, LayerStat.kind == kind
-    )
+    table = LayerStat.__table__
+    column = table.c[stat]
+    where = [table.c.run_id == run_id, table.c.kind == kind, *_step_range(table.c.step, start, end)]
     if param is not None:
-        query = query.where(LayerStat.param == param)
-    rows = session.execute(query.order_by(LayerStat.step)).all()
+        where.append(table.c.param == param)
+    width = _bucket_width(session, table, where, start, end, max_points)
+    if width == 1:
+        query = select(table.c.step, table.c.layer, table.c.param, column).where(*where).order_by(table.c.step)
+    else:
+        bucket = table.c.step // width
+        extreme = func.min(column) if stat == "min" else func.max(column)
+        query = (
+            select(func.min(table.c.step), table.c.layer, table.c.param, extreme)
+            .where(*where)
+            .group_by(bucket, table.c.layer, table.c.param)
+            .order_by(bucket)
+        )
+    rows = session.execute(query).all()
 
     steps: list[int] = []
     step_index: dict[int, int] = {}
     cells: dict[tuple[str, str], dict[int, Any]] = defaultdict(dict)
     for step, layer, row_param, value in rows:
-        if step not in step_index:
-            step_index[step] = len(steps)
+        column_key = step // width  # a bucket's column is labelled with the first step seen in it
+        if column_key not in step_index:
+            step_index[column_key] = len(steps)
             steps.append(step)
-        cells[(layer, row_param)][step_index[step]] = value
+        cells[(layer, row_param)][step_index[column_key]] = value
     order = forward_order(model)
     series = sorted(cells, key=lambda lp: order((lp[0], lp[1], kind)))
     # An activation row is the module's output: its label is the module alone.
@@ -463,26 +542,75 @@ def heatmap(
     }
 
 
-def layer_series(session: Session, *, run_id: str, layer: str, param: str, kind: str) -> dict[str, Any]:
-    """Every statistic of one (layer, param, kind) over steps: {"steps": [...], "<stat>": [...], ...}."""
-    stat_columns = [LayerStat.__table__.c[name] for name in HEATMAP_STATS]
-    rows = session.execute(
-        select(LayerStat.step, *stat_columns)
-        .where(LayerStat.run_id == run_id, LayerStat.layer == layer, LayerStat.param == param, LayerStat.kind == kind)
-        .order_by(LayerStat.step)
-    ).all()
+def layer_series(
+    session: Session,
+    *,
+    run_id: str,
+    layer: str,
+    param: str,
+    kind: str,
+    start: int | None = None,
+    end: int | None = None,
+    max_points: int | None = None,
+) -> dict[str, Any]:
+    """Every statistic of one (layer, param, kind) over steps: {"steps": [...], "<stat>": [...], ...}.
+
+    With `max_points`, a longer [start, end] is cut into buckets; each point is the
+    bucket's first step with each statistic's extreme in it (MIN for `min`, MAX otherwise).
+    """
+    table = LayerStat.__table__
+    where = [
+        table.c.run_id == run_id,
+        table.c.layer == layer,
+        table.c.param == param,
+        table.c.kind == kind,
+        *_step_range(table.c.step, start, end),
+    ]
+    width = _bucket_width(session, table, where, start, end, max_points)
+    stat_columns = [table.c[name] for name in HEATMAP_STATS]
+    if width == 1:
+        query = select(table.c.step, *stat_columns).where(*where).order_by(table.c.step)
+    else:
+        bucket = table.c.step // width
+        extremes = [func.min(c) if c.name == "min" else func.max(c) for c in stat_columns]
+        query = select(func.min(table.c.step), *extremes).where(*where).group_by(bucket).order_by(bucket)
+    rows = session.execute(query).all()
     out: dict[str, Any] = {"layer": layer, "param": param, "kind": kind, "steps": [r[0] for r in rows]}
     for i, name in enumerate(HEATMAP_STATS, start=1):
         out[name] = [r[i] for r in rows]
     return out
 
 
-def histogram_series(session: Session, *, run_id: str, layer: str, param: str, kind: str) -> dict[str, Any]:
-    """The histograms of one (layer, param, kind) over steps, counts unpacked to lists."""
+def histogram_series(
+    session: Session,
+    *,
+    run_id: str,
+    layer: str,
+    param: str,
+    kind: str,
+    start: int | None = None,
+    end: int | None = None,
+    max_points: int | None = None,
+) -> dict[str, Any]:
+    """The histograms of one (layer, param, kind) over steps, counts unpacked to lists.
+
+    With `max_points`, a longer [start, end] is cut into buckets and each keeps
+    its last stored histogram (counts cannot be merged across different ranges).
+    """
+    table = Histogram.__table__
+    where = [
+        table.c.run_id == run_id,
+        table.c.layer == layer,
+        table.c.param == param,
+        table.c.kind == kind,
+        *_step_range(table.c.step, start, end),
+    ]
+    width = _bucket_width(session, table, where, start, end, max_points)
+    if width > 1:
+        last_steps = select(func.max(table.c.step)).where(*where).group_by(table.c.step // width)
+        where.append(table.c.step.in_(last_steps.scalar_subquery()))
     rows = session.execute(
-        select(Histogram.step, Histogram.lo, Histogram.hi, Histogram.counts)
-        .where(Histogram.run_id == run_id, Histogram.layer == layer, Histogram.param == param, Histogram.kind == kind)
-        .order_by(Histogram.step)
+        select(table.c.step, table.c.lo, table.c.hi, table.c.counts).where(*where).order_by(table.c.step)
     ).all()
     return {
         "layer": layer,

@@ -51,6 +51,15 @@ def get_run_or_404(session: SessionDep, run_id: str) -> store.RunInfo:
 
 RunDep = Annotated[store.RunInfo, Depends(get_run_or_404)]
 
+# A step window and a point budget, shared by every series endpoint: the defaults
+# show a whole run in ~2000 points per trace (spikes kept); a zoomed-in window
+# short enough for the budget comes back at full resolution.
+StartQuery = Annotated[int | None, Query(description="first step (inclusive)")]
+EndQuery = Annotated[int | None, Query(description="last step (inclusive)")]
+MaxPointsQuery = Annotated[
+    int, Query(ge=1, le=1_000_000, description="at most this many points per trace; longer ranges are bucketed")
+]
+
 
 @router.get("/health")
 def health() -> HealthPublic:
@@ -81,9 +90,19 @@ def get_run(session: SessionDep, run: RunDep) -> RunDetail:
 
 
 @router.get("/runs/{run_id}/scalars")
-def scalars(session: SessionDep, run: RunDep, key: str) -> ScalarSeriesPublic:
-    """One scalar (e.g. `loss`) over steps, ascending; a NaN value is null."""
-    steps, values = store.scalar_series(session, run_id=run.id, key=key)
+def scalars(
+    session: SessionDep,
+    run: RunDep,
+    key: str,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    max_points: MaxPointsQuery = store.DEFAULT_MAX_POINTS,
+) -> ScalarSeriesPublic:
+    """One scalar (e.g. `loss`) over steps, ascending; a NaN value is null.
+
+    Past `max_points` steps, each bucket of steps gives its minimum and maximum.
+    """
+    steps, values = store.scalar_series(session, run_id=run.id, key=key, start=start, end=end, max_points=max_points)
     return ScalarSeriesPublic(key=key, steps=steps, values=values)
 
 
@@ -94,21 +113,66 @@ def heatmap(
     kind: TensorKind = "grad",
     stat: StatName = "norm",
     param: Annotated[str | None, Query(description="only rows of this param, e.g. 'weight'")] = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    max_points: MaxPointsQuery = store.DEFAULT_MAX_POINTS,
 ) -> HeatmapPublic:
-    """One statistic of every layer of one kind as a layer x step matrix, rows in forward order."""
-    return HeatmapPublic(**store.heatmap(session, run_id=run.id, kind=kind, stat=stat, param=param, model=run.model))
+    """One statistic of every layer of one kind as a layer x step matrix, rows in forward order.
+
+    Past `max_points` steps, each column is a bucket of steps holding its extreme value.
+    """
+    return HeatmapPublic(
+        **store.heatmap(
+            session,
+            run_id=run.id,
+            kind=kind,
+            stat=stat,
+            param=param,
+            model=run.model,
+            start=start,
+            end=end,
+            max_points=max_points,
+        )
+    )
 
 
 @router.get("/runs/{run_id}/layer_stats")
-def layer_stats(session: SessionDep, run: RunDep, layer: str, param: str, kind: TensorKind) -> LayerSeriesPublic:
-    """Every statistic of one (layer, param, kind) over steps."""
-    return LayerSeriesPublic(**store.layer_series(session, run_id=run.id, layer=layer, param=param, kind=kind))
+def layer_stats(
+    session: SessionDep,
+    run: RunDep,
+    layer: str,
+    param: str,
+    kind: TensorKind,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    max_points: MaxPointsQuery = store.DEFAULT_MAX_POINTS,
+) -> LayerSeriesPublic:
+    """Every statistic of one (layer, param, kind) over steps (bucket extremes past `max_points`)."""
+    series = store.layer_series(
+        session, run_id=run.id, layer=layer, param=param, kind=kind, start=start, end=end, max_points=max_points
+    )
+    return LayerSeriesPublic(**series)
 
 
 @router.get("/runs/{run_id}/histograms")
-def histograms(session: SessionDep, run: RunDep, layer: str, param: str, kind: TensorKind) -> HistogramSeriesPublic:
-    """The histograms of one (layer, param, kind) over steps; bin edges are `wire.hist_edges(lo, hi)`."""
-    return HistogramSeriesPublic(**store.histogram_series(session, run_id=run.id, layer=layer, param=param, kind=kind))
+def histograms(
+    session: SessionDep,
+    run: RunDep,
+    layer: str,
+    param: str,
+    kind: TensorKind,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    max_points: MaxPointsQuery = store.DEFAULT_MAX_POINTS,
+) -> HistogramSeriesPublic:
+    """The histograms of one (layer, param, kind) over steps; bin edges are `wire.hist_edges(lo, hi)`.
+
+    Past `max_points` steps, each bucket of steps gives its last histogram.
+    """
+    series = store.histogram_series(
+        session, run_id=run.id, layer=layer, param=param, kind=kind, start=start, end=end, max_points=max_points
+    )
+    return HistogramSeriesPublic(**series)
 
 
 @router.get("/runs/{run_id}/alerts")
