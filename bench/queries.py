@@ -1,0 +1,94 @@
+"""Queries on a long run: loss series, layer x step heatmap, histogram-over-time, through a real server.
+
+The run (STEPS steps of loss, LAYERS layers of gradient statistics every step,
+histograms every HIST_EVERY steps) is written straight into the SQLite file
+through the tables, then `layerwatch serve` answers the dashboard's default
+requests (downsampled to ~2000 points per trace) and a zoomed-in window.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import httpx
+from sqlalchemy import insert
+
+from bench._common import figure, machine, parser, percentile
+from client_hook import wire
+from server import store
+from server.db import init_db, make_engine, make_session_factory
+from server.tables import Histogram, LayerStat, Project, Run, Scalar
+
+
+def build_run(url: str, *, steps: int, layers: int, hist_every: int, run_id: str = "long") -> None:
+    """A finished run of `steps` steps written directly through the tables, in chunks."""
+    engine = make_engine(url)
+    init_db(engine)
+    rng = random.Random(0)
+    model = {"modules": [{"name": f"layer{i}", "type": "Linear", "params": ["weight"]} for i in range(layers)]}
+    with make_session_factory(engine)() as session:
+        session.add(Project(id=1, name="bench"))
+        session.add(Run(id=run_id, project_id=1, name=run_id, status="finished", created_at=time.time(),
+                        updated_at=time.time(), last_step=steps - 1, every=1, model=model))  # fmt: skip
+        session.flush()
+        for first in range(0, steps, 2000):
+            chunk = range(first, min(first + 2000, steps))
+            session.execute(insert(Scalar), [{"run_id": run_id, "key": "loss", "step": s, "value": 2 / (1 + s / 1000)
+                                              + (50.0 if s == steps // 3 else 0.0)} for s in chunk])  # fmt: skip
+            rows = []
+            for s in chunk:
+                for i in range(layers):
+                    v = rng.random()
+                    rows.append({"run_id": run_id, "step": s, "layer": f"layer{i}", "param": "weight", "kind": "grad",
+                                 **{name: v for name in store.HEATMAP_STATS}})  # fmt: skip
+            session.execute(insert(LayerStat), rows)
+            counts = store.pack_counts(range(wire.HIST_BINS))
+            hist = {"param": "weight", "kind": "grad", "lo": -1.0, "hi": 1.0, "counts": counts}
+            session.execute(insert(Histogram), [{"run_id": run_id, "step": s, "layer": f"layer{i}", **hist}
+                                                for s in chunk if s % hist_every == 0 for i in range(layers)])  # noqa: E501 # fmt: skip
+        session.commit()
+    engine.dispose()
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    steps, layers, hist_every, repeats = (2000, 10, 10, 3) if args.quick else (100_000, 50, 10, 10)
+    print(f"machine: {machine()}")
+    import tempfile
+
+    from bench._common import server as _  # noqa: F401 - same import path as the other benchmarks
+    from tests.serving import serve
+
+    with tempfile.TemporaryDirectory(prefix="layerwatch-queries-") as tmp:
+        db = Path(tmp) / "long.db"
+        began = time.perf_counter()
+        build_run(f"sqlite:///{db}", steps=steps, layers=layers, hist_every=hist_every)
+        figure("stored run", f"{steps} steps x {layers} layers ({time.perf_counter() - began:.0f} s to build)")
+        with serve(db) as url, httpx.Client(base_url=url, timeout=60) as client:
+            queries = {
+                "loss series": ("/api/runs/long/scalars", {"key": "loss"}, "values"),
+                "heatmap (layer x step)": ("/api/runs/long/heatmap", {"kind": "grad", "stat": "norm"}, "steps"),
+                "histogram over time": ("/api/runs/long/histograms",
+                                        {"layer": "layer0", "param": "weight", "kind": "grad"}, "steps"),  # fmt: skip
+                "loss zoomed (1000 steps, full resolution)": (
+                    "/api/runs/long/scalars", {"key": "loss", "start": steps // 2, "end": steps // 2 + 999}, "values"),
+            }  # fmt: skip
+            for name, (path, params, field) in queries.items():
+                times, body = [], {}
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    response = client.get(path, params=params)
+                    times.append(time.perf_counter() - started)
+                    response.raise_for_status()
+                    body = response.json()
+                points = len(body[field])
+                p50, worst = percentile(times, 50) * 1e3, max(times) * 1e3
+                figure(f"{name}", f"p50 {p50:.0f} ms, max {worst:.0f} ms, {points} points", "< 200 ms")
+            loss = client.get("/api/runs/long/scalars", params={"key": "loss"}).json()
+            figure("loss spike kept when downsampled", str(max(v for v in loss["values"] if v is not None) > 40))
+
+
+if __name__ == "__main__":
+    main()
