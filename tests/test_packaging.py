@@ -38,6 +38,12 @@ def test_installed_copy_serves_the_dashboard(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("layerwatch-*.whl"))
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
+    # Every package of the checkout is in the wheel (an editable install would hide a
+    # missing one: its finder falls back to the checkout).
+    for init in ROOT.glob("*/**/__init__.py"):
+        package = init.parent.relative_to(ROOT)
+        if package.parts[0] in ("client_hook", "server", "web"):
+            assert (site / package / "__init__.py").is_file(), f"{package} is missing from the wheel"
     web_files = {p.name for p in (site / "web").iterdir()}
     assert {"index.html", "style.css"} <= web_files and any(name.endswith(".js") for name in web_files)
 
