@@ -234,9 +234,6 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     _upsert(session, Histogram.__table__, list(hists.values()))
     _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
     result.alerts = [upsert_alert(session, run_id=run_id, finding=finding, now=now) for run_id, finding in findings]
-    # In this transaction: an alert and its webhook deliveries commit together.
-    for alert, change in result.alerts:
-        outbox.enqueue(session, alert=alert, change=change, run=runs[alert.run_id], now=now)
 
     result.changed_runs = list(changed)
     result.stat_steps = {run_id: sorted(steps) for run_id, steps in stat_steps.items()}
@@ -651,12 +648,17 @@ def _alert_info(a: Alert) -> AlertInfo:
     )
 
 
-def upsert_alert(session: Session, *, run_id: str, finding: Finding, now: float) -> tuple[AlertInfo, str]:
+def upsert_alert(
+    session: Session, *, run_id: str, finding: Finding, now: float, first_step: int | None = None
+) -> tuple[AlertInfo, str]:
     """One alert per (run, rule, layer): create it, or update it with the latest finding.
 
     An update keeps the first step, extends the last, counts, and takes the
     newest message and evidence; severity only ever rises (a rise is
-    ALERT_ESCALATED, which webhooks send again). Not committed here: callers
+    ALERT_ESCALATED, which webhooks send again). `first_step` (default: the
+    finding's step) is where a finding merged over several steps began. A new or
+    escalated alert's webhook deliveries are queued here, in the same
+    transaction, so they commit with it. Not committed here: callers
     commit with the data that raised it.
     """
     layer_match = Alert.layer.is_(None) if finding.layer is None else Alert.layer == finding.layer
@@ -667,7 +669,7 @@ def upsert_alert(session: Session, *, run_id: str, finding: Finding, now: float)
             rule=finding.rule,
             severity=finding.severity,
             layer=finding.layer,
-            first_step=finding.step,
+            first_step=finding.step if first_step is None else first_step,
             last_step=finding.step,
             count=1,
             message=finding.message,
@@ -681,11 +683,13 @@ def upsert_alert(session: Session, *, run_id: str, finding: Finding, now: float)
     else:
         escalated = SEVERITIES.index(finding.severity) > SEVERITIES.index(alert.severity)
         alert.severity = finding.severity if escalated else alert.severity
-        alert.first_step = min(alert.first_step, finding.step)
+        alert.first_step = min(alert.first_step, finding.step if first_step is None else first_step)
         alert.last_step = max(alert.last_step, finding.step)
         alert.count += 1
         alert.message, alert.remedy, alert.evidence = finding.message, finding.remedy, finding.evidence
         alert.updated_at = now
         change = ALERT_ESCALATED if escalated else ALERT_UPDATED
     session.flush()  # for the id
-    return _alert_info(alert), change
+    info = _alert_info(alert)
+    outbox.enqueue(session, alert=info, change=change, now=now)  # sends only on new or escalated
+    return info, change

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         if args.store:
             now = time.time()
             for finding, _ in findings:
-                store.upsert_alert(session, run_id=found.id, finding=finding, now=now)
+                first = (finding.evidence or {}).get("first_step", finding.step)
+                store.upsert_alert(session, run_id=found.id, finding=finding, now=now, first_step=first)
             session.commit()
             print("stored as the run's alerts")
     engine.dispose()

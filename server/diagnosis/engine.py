@@ -109,7 +109,8 @@ class Engine:
                     diagnosis.history.add_frame(frame)
                     diagnosis.last_seq = frame["seq"]
             for finding, _times in merge(diagnosis.evaluate()):
-                changes.append(store.upsert_alert(session, run_id=run_id, finding=finding, now=now))
+                first = (finding.evidence or {}).get("first_step", finding.step)
+                changes.append(store.upsert_alert(session, run_id=run_id, finding=finding, now=now, first_step=first))
             if diagnosis.history.finished:
                 del self._runs[run_id]  # a finished run needs no live state
         session.commit()
