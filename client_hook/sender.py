@@ -1,9 +1,11 @@
 """The sender thread: everything between the training thread and the server.
 
-The training thread only ever calls `Sender.submit`, a non-blocking put on a
-bounded queue. This thread turns queued items into wire frames (resolving the
-sample's single device-to-host copy here, off the training thread), numbers
-them (per-run `seq` from 0), sends them in batches over one websocket and keeps
+The training thread only ever calls `Sender.submit`: a length check and a
+`deque.append` (atomic under the GIL; no lock, no wake-up call: this thread polls
+every BATCH_WINDOW_S), so the training thread never waits on this one. This
+thread turns queued items into wire frames (resolving the sample's single
+device-to-host copy here, off the training thread), numbers them (per-run
+`seq` from 0), sends them in batches over one websocket and keeps
 every frame until the server acknowledges it, so a reconnect replays exactly
 what was not committed. The server being absent, refusing or slow never
 reaches the training thread; the cost is memory, bounded by `max_pending`.
@@ -14,10 +16,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -80,7 +81,8 @@ class Sender:
         self.run_id = run_id
         self._token = token
         self._on_alert = on_alert
-        self._queue: queue.Queue[Item] = queue.Queue(maxsize=max_queue)
+        self._queue: deque[Item] = deque()
+        self._max_queue = max_queue
         self._max_pending = max_pending
         self._seq = itertools.count()
         self._pending: OrderedDict[int, dict[str, Any]] = OrderedDict()  # seq -> frame, until acked
@@ -100,18 +102,17 @@ class Sender:
 
     def submit(self, item: Item) -> bool:
         """Queue `item` without blocking; False (and counted) if the queue is full."""
-        try:
-            self._queue.put_nowait(item)
-            return True
-        except queue.Full:
+        if len(self._queue) >= self._max_queue:
             self._count_drop("queue_full")
             return False
+        self._queue.append(item)
+        return True
 
     def close(self, timeout: float) -> int:
         """Deliver what is queued, waiting at most `timeout` s; return frames left undelivered."""
         self._closing.set()
         self._thread.join(timeout)
-        left = self._queue.qsize() + len(self._pending)
+        left = len(self._queue) + len(self._pending)
         if left:
             steps = [f["step"] for f in self._pending.values()]
             where = f" (steps {min(steps)}..{max(steps)})" if steps else ""
@@ -132,7 +133,7 @@ class Sender:
         next_try = 0.0
         while True:
             drained = self._drain(BATCH_WINDOW_S)
-            if self._closing.is_set() and not drained and self._queue.empty() and not self._pending:
+            if self._closing.is_set() and not drained and not self._queue and not self._pending:
                 return
             if self._ws is None and time.monotonic() >= next_try:
                 if self._connect():
@@ -156,16 +157,13 @@ class Sender:
 
     def _drain(self, window: float) -> bool:
         """Move queued items into `_pending` as numbered frames; True if any came."""
-        try:
-            first = self._queue.get(timeout=window)
-        except queue.Empty:
+        if not self._queue:
+            self._closing.wait(window)  # a poll, woken early only by close()
+        items = []
+        while self._queue and len(items) < BATCH_MAX_FRAMES:
+            items.append(self._queue.popleft())
+        if not items:
             return False
-        items = [first]
-        while len(items) < BATCH_MAX_FRAMES:
-            try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
         for item in items:
             try:
                 produced = item.frames()

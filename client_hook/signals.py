@@ -3,11 +3,13 @@
 Sampled statistics say how each layer is doing every few steps; these say,
 for *every* optimizer step, what the diagnosis rules must never miss:
 
-- the model's mode and its input batch (mean/std, non-finite count and a
-  fingerprint that repeats when the same batch repeats) — read in a forward
-  pre-hook on the top module;
-- whether the model's output went non-finite — one `isfinite().all()` in a
-  forward hook on the top module. On the CPU, where reading the flag costs no
+- the model's mode and its input batch (mean/std from a fixed strided subset,
+  whether anything is non-finite, and a fingerprint that repeats when the same
+  batch repeats) — read in a forward pre-hook on the top module;
+- whether the model's output went non-finite — its sum, taken in a forward hook
+  on the top module, is non-finite exactly when an element is (or the sum
+  overflows float32, i.e. the output is absurd anyway); `isfinite()` itself is a
+  composite op several times dearer. On the CPU, where reading the sum costs no
   device sync, the first few such forwards are *replayed* under `no_grad`
   with per-module hooks to name the first module whose output went non-finite
   (RNG state and module buffers are restored, so the replay leaves no trace);
@@ -31,11 +33,11 @@ from torch import nn
 FINGERPRINT_ELEMENTS = 4096  # elements of the input that enter the fingerprint's weighted sum
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
 TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
-STALE_PROBES = 3  # parameters whose .grad is checked at the start of the next backward
+STALE_PROBES = 1  # parameters whose .grad is checked at the start of the next backward
 
 # Slots of the per-step vector; gradient norms follow them.
-_IN_MEAN, _IN_STD, _IN_NONFINITE, _FP_SUM, _FP_DOT, _OUT_BAD, _STALE, _GRAD_NORM = range(8)
-_WIDTH = 8
+_IN_SUM, _IN_SUB_SUM, _IN_SUB_SQ, _IN_DOT, _OUT_SUM, _STALE, _GRAD_NORM = range(7)
+_WIDTH = 7
 
 
 def first_float_tensor(value: Any) -> torch.Tensor | None:
@@ -52,17 +54,24 @@ def first_float_tensor(value: Any) -> torch.Tensor | None:
 
 @torch.no_grad()
 def input_summary(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[mean, std, non-finite count, sum, weighted sum of a strided subset] of `x`, on its device.
+    """[sum, subset sum, subset sum of squares, subset weighted sum] of `x`, float64, on its device.
 
-    Four cheap passes over the input; the last two make the fingerprint.
+    One pass over the whole input (its sum: non-finite iff an element is, and
+    half of the fingerprint); the rest reads a fixed strided subset of at most
+    FINGERPRINT_ELEMENTS, which estimates mean and std well enough to tell
+    standardized data from raw pixels, and costs the same for any batch size.
     """
-    flat = x.detach().reshape(-1).float()
-    std, mean = torch.std_mean(flat, correction=0)
-    nonfinite = flat.isfinite().logical_not().sum().to(flat.dtype)
-    stride = max(1, flat.numel() // FINGERPRINT_ELEMENTS)
-    subset = flat[::stride][: weights.numel()]
-    dot = (subset * weights[: subset.numel()]).sum()
-    return torch.stack([mean, std, nonfinite, flat.sum(), dot])
+    flat = x.detach().reshape(-1)
+    subset = flat[:: subset_stride(flat.numel())][: weights.numel()]
+    # float32 sums (a float64 accumulation of the whole input costs ~8x more on CPU);
+    # the subset statistics are only compared with thresholds 1e-3 and 10.
+    parts = [flat.sum(), subset.sum(), subset.dot(subset), subset.dot(weights[: subset.numel()].to(subset.dtype))]
+    return torch.stack(parts).double()
+
+
+def subset_stride(numel: int) -> int:
+    """The stride of the strided input subset: at most FINGERPRINT_ELEMENTS elements are read."""
+    return max(1, numel // FINGERPRINT_ELEMENTS)
 
 
 class SignalsItem:
@@ -88,13 +97,16 @@ class SignalsItem:
             if self._event is not None:
                 self._event.synchronize()
             v = self._host.tolist()
+            n = max(fields.pop("_input_n", 0), 1)
             if fields.pop("_has_input", False):
-                fields["input_mean"] = _finite_or_none(v[_IN_MEAN])
-                fields["input_std"] = _finite_or_none(v[_IN_STD])
-                fields["input_nonfinite"] = int(v[_IN_NONFINITE])
-                fields["input_fingerprint"] = f"{v[_FP_SUM]:.17g}/{v[_FP_DOT]:.17g}"
+                finite = math.isfinite(v[_IN_SUM])
+                mean = v[_IN_SUB_SUM] / n
+                fields["input_mean"] = mean if finite else None
+                fields["input_std"] = math.sqrt(max(v[_IN_SUB_SQ] / n - mean * mean, 0.0)) if finite else None
+                fields["input_nonfinite"] = 0 if finite else 1  # "any", from the sum: no extra pass
+                fields["input_fingerprint"] = f"{v[_IN_SUM]:.17g}/{v[_IN_DOT]:.17g}"
             if fields.pop("_has_output", False):
-                fields["output_nonfinite"] = bool(v[_OUT_BAD])
+                fields["output_nonfinite"] = not math.isfinite(v[_OUT_SUM])
             if fields.pop("_has_stale", False):
                 fields["grads_stale"] = bool(v[_STALE])
             if self.labels:
@@ -126,8 +138,9 @@ class StepSignals:
     def _reset(self) -> None:
         self._training: bool | None = None
         self._input: torch.Tensor | None = None
-        self._output_bad: torch.Tensor | None = None
-        self._stale: torch.Tensor | None = None
+        self._input_n = 0
+        self._output_sum: torch.Tensor | None = None
+        self._stale: torch.Tensor | bool | None = None
         self._norms: torch.Tensor | None = None
         self._norm_labels: list[str] = []
         self._first_nonfinite: str | None = None
@@ -143,7 +156,9 @@ class StepSignals:
         if x is None or x.numel() == 0:
             return
         if self._input is None:  # the step's first forward (gradient accumulation: its first micro-batch)
-            self._input = input_summary(x, self._fingerprint_weights(x.device))
+            weights = self._fingerprint_weights(x.device)
+            self._input = input_summary(x, weights)
+            self._input_n = min(len(range(0, x.numel(), subset_stride(x.numel()))), weights.numel())
         if x.device.type == "cpu" and self._localisations < MAX_LOCALISATIONS:
             self._rng = torch.get_rng_state()  # ~5 KB copy: lets a replay see the same dropout masks
 
@@ -153,13 +168,13 @@ class StepSignals:
         out = first_float_tensor(output)
         if out is None:
             return
-        bad = torch.isfinite(out.detach()).all().logical_not()
-        self._output_bad = bad if self._output_bad is None else self._output_bad | bad
+        total = out.detach().sum()  # non-finite iff an element is (a float64 sum costs ~8x more)
+        self._output_sum = total if self._output_sum is None else self._output_sum + total
         if self._check_stale and out.requires_grad:
             out.register_hook(self._at_backward_start)
             self._check_stale = False
         # On the CPU the flag is already on the host: reading it costs nothing.
-        if out.device.type == "cpu" and self._first_nonfinite is None and bool(bad):
+        if out.device.type == "cpu" and self._first_nonfinite is None and not math.isfinite(total.item()):
             if self._localisations < MAX_LOCALISATIONS and self._rng is not None:
                 self._localisations += 1
                 self._first_nonfinite = self._locate(args, kwargs)
@@ -168,9 +183,11 @@ class StepSignals:
         """Fires when backward reaches the model's output: no parameter gradient is added yet."""
         try:
             held = [p.grad for p in self._probes if p.grad is not None]
-            with torch.no_grad():
-                # No gradient at all (zero_grad(set_to_none=True)) is as clean as all-zero ones.
-                self._stale = torch.stack([g.ne(0).any() for g in held]).any() if held else torch.tensor(False)
+            if not held:  # zero_grad(set_to_none=True), the default: known clean, no tensor op
+                self._stale = False
+            else:
+                with torch.no_grad():
+                    self._stale = torch.stack([g.ne(0).any() for g in held]).any()
         except Exception:  # never into the user's backward; the signal is simply missing
             self._stale = None
         return None  # the gradient flows on unchanged
@@ -189,7 +206,7 @@ class StepSignals:
     def end_step(self, step: int) -> SignalsItem:
         """Pack this step's signals (one vector, one copy) and get ready for the next step."""
         device = next(
-            (t.device for t in (self._input, self._output_bad, self._stale, self._norms) if t is not None), None
+            (t.device for t in (self._input, self._output_sum, self._norms) if t is not None), None
         )
         vector = None
         fields: dict[str, Any] = {}
@@ -198,21 +215,23 @@ class StepSignals:
         if self._first_nonfinite is not None:
             fields["first_nonfinite"] = self._first_nonfinite
         if device is not None:
-            head = torch.full((_WIDTH,), float("nan"), dtype=torch.float64, device=device)
-            if self._input is not None:
-                head[_IN_MEAN : _FP_DOT + 1] = self._input.to(torch.float64)
-                fields["_has_input"] = True
-            if self._output_bad is not None:
-                head[_OUT_BAD] = self._output_bad.to(torch.float64)
-                fields["_has_output"] = True
-            if self._stale is not None:
-                head[_STALE] = self._stale.to(torch.float64)
-                fields["_has_stale"] = True
-            parts = [head]
+            # One stack and one cat of 0-d tensors: a handful of tiny ops per step.
+            nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+            head = list(self._input.unbind()) if self._input is not None else [nan] * 4
+            head.append(self._output_sum if self._output_sum is not None else nan)
+            if isinstance(self._stale, torch.Tensor):
+                head.append(self._stale.to(torch.float64))
+            else:  # None (not checked) or False (no gradient held at all)
+                head.append(nan if self._stale is None else torch.zeros((), dtype=torch.float64, device=device))
+            head.append(self._norms.norm() if self._norms is not None else nan)
+            fields["_has_input"] = self._input is not None
+            fields["_input_n"] = self._input_n
+            fields["_has_output"] = self._output_sum is not None
+            fields["_has_stale"] = self._stale is not None
+            parts = [torch.stack(head)]
             if self._norms is not None:
-                head[_GRAD_NORM] = self._norms.norm()
                 parts.append(self._norms)
-            vector = torch.cat(parts)
+            vector = torch.cat(parts) if len(parts) > 1 else parts[0]
         item = SignalsItem(step, vector, self._norm_labels if self._norms is not None else [], fields)
         self._probes = [p for _, p in self._params if p.grad is not None][-STALE_PROBES:]
         self._check_stale = True

@@ -11,7 +11,9 @@ A websocket text message from the client is one *batch*:
 and every frame carries `protocol`, `kind`, `run_id` (client-generated),
 `seq` (per run, from 0, no gaps) and `step` (optimizer steps, from 0). The
 server stores a batch in one transaction, then answers
-`{"kind": "ack", "seqs": {run_id: [seq, ...]}}`; a batch that fails
+`{"kind": "ack", "seqs": {run_id: [seq, ...]}}`, preceded by one
+`{"kind": "alert", "alert": {...}}` per alert the batch raised or escalated
+(the diagnosis runs after the commit, before the ack); a batch that fails
 validation is answered `{"kind": "error", "error": "..."}` and the connection
 is closed. Numbers are JSON numbers; NaN and ±Infinity are allowed where they
 are data (a NaN loss is a finding, not a bad frame).

@@ -148,7 +148,6 @@ async def ingest(websocket: WebSocket) -> None:
             log.exception("storing a batch from %s failed", websocket.client)
             await _reject(websocket, f"the server could not store this batch: {exc}", status.WS_1011_INTERNAL_ERROR)
             return
-        await websocket.send_json(wire.ack(result.acked))
         for alert, change in result.alerts:
             # Back to the training process, which logs it once and calls on_alert. Findings
             # the client made itself (preflight) are not echoed.
@@ -156,5 +155,8 @@ async def ingest(websocket: WebSocket) -> None:
                 if (alert.evidence or {}).get("source") != "preflight":
                     public = alert_event(alert)["alert"]
                     await websocket.send_json({"kind": "alert", "alert": {**public, "run_id": alert.run_id}})
+        # After the alerts: the client reads up to the ack, so it sees them before it sends on
+        # (and, at close, before it hangs up). Everything was committed before either.
+        await websocket.send_json(wire.ack(result.acked))
         log.debug("stored %d frames, %d replayed", result.stored_frames, result.replayed_frames)
         hub.publish(ingest_events(result, runs))

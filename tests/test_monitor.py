@@ -44,7 +44,7 @@ def all_hook_counts(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 def frames(mon: monitor.Monitor, kind: str, wait: float = 2.0) -> list[dict]:
     """Frames of `kind` the sender holds (it cannot deliver them: no server)."""
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and not mon._sender._queue.empty():
+    while time.monotonic() < deadline and mon._sender._queue:
         time.sleep(0.02)
     time.sleep(0.1)
     return [f for f in list(mon._sender._pending.values()) if f["kind"] == kind]
