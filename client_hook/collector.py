@@ -69,6 +69,20 @@ def first_float_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def _summarize_by_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`stats.summarize` of each tensor, batched per device with `summarize_many` (ops grow with
+    the number of size classes, not of tensors); rows in the order given."""
+    rows: list[torch.Tensor | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        matrix = stats.summarize_many([tensors[i].detach() for i in indices])
+        for i, row in zip(indices, matrix.unbind()):
+            rows[i] = row
+    return rows  # type: ignore[return-value]
+
+
 class Sample:
     """One sampled step's summary rows, copied to the host once; decoded in the sender thread."""
 
@@ -252,11 +266,8 @@ class Collector:
         return params
 
     def _read_grads(self) -> None:
-        self._grads = [
-            (row, stats.summarize(param.grad))
-            for row, param in self._parameters()
-            if param.grad is not None and not param.grad.is_sparse
-        ]
+        pairs = [(row, p.grad) for row, p in self._parameters() if p.grad is not None and not p.grad.is_sparse]
+        self._grads = list(zip([row for row, _ in pairs], _summarize_by_device([g for _, g in pairs])))
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.is_sampled(self.step):
@@ -281,6 +292,18 @@ class Collector:
             self._arm_if_sampled()
         except Exception:
             self._go_quiet("activation")
+
+    def _update_ratios(self, params: list[tuple[Row, nn.Parameter]]) -> dict[int, torch.Tensor]:
+        """id(param) -> ||w_after - w_before|| / ||w_before||, a few multi-tensor ops per device."""
+        by_device: dict[torch.device, list[nn.Parameter]] = {}
+        for _, param in params:
+            if id(param) in self._snapshots:
+                by_device.setdefault(param.device, []).append(param)
+        out: dict[int, torch.Tensor] = {}
+        for group in by_device.values():
+            ratios = stats.update_ratios([self._snapshots[id(p)] for p in group], [self._subset(p) for p in group])
+            out.update(zip((id(p) for p in group), ratios.unbind()))
+        return out
 
     def _subset(self, param: torch.Tensor) -> torch.Tensor:
         flat = param.detach().reshape(-1)
@@ -309,10 +332,11 @@ class Collector:
             add((name, ACTIVATION_PARAM, "activation"), summary, sat=sat)
         for row, summary in self._grads:
             add(row, summary)
-        for (layer, pname, _), param in self._parameters():
-            before = self._snapshots.get(id(param)) if with_ratios else None
-            ratio = stats.update_ratio(before, self._subset(param)) if before is not None else None
-            add((layer, pname, "weight"), stats.summarize(param), ratio)
+        params = self._parameters()
+        ratios = self._update_ratios(params) if with_ratios else {}
+        summaries = _summarize_by_device([param for _, param in params])
+        for ((layer, pname, _), param), summary in zip(params, summaries):
+            add((layer, pname, "weight"), summary, ratios.get(id(param)))
         self._activations, self._grads = {}, []
         self._ready = by_device
 

@@ -250,6 +250,7 @@ def test_a_failing_hook_goes_quiet_and_training_continues(
         raise RuntimeError("statistics exploded")
 
     monkeypatch.setattr(stats, "summarize", broken)
+    monkeypatch.setattr(stats, "summarize_many", broken)
     with caplog.at_level(logging.ERROR, logger="layerwatch"):
         train(model, opt, 4, mon)
     assert mon.step == 4
