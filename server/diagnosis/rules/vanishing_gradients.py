@@ -1,0 +1,93 @@
+"""vanishing_gradients: the earliest layers get almost no gradient compared with the last one.
+
+Sources: Glorot & Bengio 2010 (gradients shrink layer by layer towards the
+input in deep saturating networks); AutoTrainer (ICSE'21: first/last gradient
+ratio < 1e-3 and first-layer gradient < 1e-4, only while the run is not
+learning). Signal: the gradient RMS of each weight (two or more dimensions:
+not biases, not normalisation scales) on sampled steps, in forward order.
+
+The ratio is first layer's RMS / last layer's RMS. Left out: layers with no
+gradient or an all-zero one (frozen, unused this step), and embeddings (their
+gradient is zero on every row the batch did not use). The alert names the
+layer closest to the output whose ratio is below VANISH_RATIO, where the
+signal starts to die. Like AutoTrainer, it waits while the loss still improves
+by LEARNING_DROP per LEARNING_WINDOW steps: a network that learns is not stuck.
+"""
+
+from __future__ import annotations
+
+import math
+
+from server.diagnosis.view import RunView, fmt
+from server.store import Finding
+
+RULE_ID = "vanishing_gradients"
+
+VANISH_RATIO = 1e-5  # DIAGNOSTICS.md (AutoTrainer uses 1e-3 with an absolute 1e-4 on the first layer)
+SUSTAIN = 3  # consecutive samples below VANISH_RATIO
+LEARNING_WINDOW = 50  # steps of loss compared with the LEARNING_WINDOW steps before them
+LEARNING_DROP = 0.1  # a 10% lower mean loss over a window: still learning
+SPARSE_GRADS = ("Embedding", "EmbeddingBag")  # modules whose gradients are mostly zero rows
+
+
+def check(view: RunView, state: dict) -> list[Finding]:
+    sample = view.sample
+    if sample is None or not sample.stats:
+        return []
+    layers = _weight_grad_rms(view, sample.stats)
+    if len(layers) < 2:
+        state["run"] = 0
+        return []
+    last_layer, last_rms = layers[-1]
+    below = [(layer, rms / last_rms) for layer, rms in layers[:-1] if rms / last_rms < VANISH_RATIO]
+    first_layer, first_rms = layers[0]
+    if not below or below[0][0] != first_layer:
+        state["run"] = 0
+        return []
+    state["run"] = state.get("run", 0) + 1
+    if state["run"] < SUSTAIN or _learning(view):
+        return []
+    if "layer" not in state:
+        # The one closest to the output: where the gradient has died. Named once and kept, so
+        # that a ratio wandering around the threshold does not split the alert over layers.
+        state["layer"] = below[-1][0]
+    layer = state["layer"]
+    ratio = next((r for name, r in below if name == layer), below[-1][1])
+    message = (
+        f"gradient RMS of the first layer {first_layer!r} is {fmt(first_rms)}, {fmt(first_rms / last_rms)} of the "
+        f"last layer's ({last_layer!r}: {fmt(last_rms)}) over {state['run']} samples; the ratio first falls "
+        f"below {VANISH_RATIO} at {layer!r} ({fmt(ratio)}), and the loss is not improving"
+    )
+    evidence = {
+        "ratios": {name: rms / last_rms for name, rms in layers},
+        "first_layer": first_layer,
+        "last_layer": last_layer,
+        "samples": state["run"],
+    }
+    return [view.finding(RULE_ID, message, layer=layer or None, evidence=evidence)]
+
+
+def _weight_grad_rms(view: RunView, stats: dict) -> list[tuple[str, float]]:
+    """(layer, gradient RMS of its weight matrices) in forward order, for layers with a live gradient."""
+    shapes = {(layer, name): p.get("shape") or [] for layer, name, p in view.params()}
+    squares: dict[str, tuple[float, float]] = {}  # layer -> (sum of squares, elements)
+    for (layer, name, kind), row in stats.items():
+        if kind != "grad" or len(shapes.get((layer, name), [])) < 2 or view.module_type(layer) in SPARSE_GRADS:
+            continue
+        rms, numel = row.get("rms"), row.get("numel")
+        if rms is None or not math.isfinite(rms) or not numel or row.get("zero_frac") == 1.0 or rms <= 0:
+            continue
+        total, count = squares.get(layer, (0.0, 0.0))
+        squares[layer] = (total + rms * rms * numel, count + numel)
+    layers = [(layer, math.sqrt(total / count)) for layer, (total, count) in squares.items()]
+    return sorted(layers, key=lambda lc: view.order(lc[0]))
+
+
+def _learning(view: RunView) -> bool:
+    """Is the loss still falling? Mean of the last LEARNING_WINDOW steps vs. the window before."""
+    losses = [v for _, v in view.series("loss", last=2 * LEARNING_WINDOW) if math.isfinite(v)]
+    if len(losses) < 2 * LEARNING_WINDOW:
+        return False  # too early to tell: the gradient ratio alone decides
+    before = sum(losses[:LEARNING_WINDOW]) / LEARNING_WINDOW
+    recent = sum(losses[LEARNING_WINDOW:]) / LEARNING_WINDOW
+    return recent < (1 - LEARNING_DROP) * before
