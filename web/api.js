@@ -46,15 +46,24 @@ async function getJSON(path, params = {}) {
 
 const runPath = (id) => `/api/runs/${encodeURIComponent(id)}`;
 
+// Series endpoints take `win`: {start, end, max_points}; the server downsamples
+// to max_points (keeping spikes), so a long run costs the same as a short one
+// and a zoomed-in window comes back at full resolution.
 export const api = {
   runs: () => getJSON("/api/runs"),
   run: (id) => getJSON(runPath(id)),
-  scalars: (id, key) => getJSON(`${runPath(id)}/scalars`, { key }),
-  heatmap: (id, { kind, stat, param }) => getJSON(`${runPath(id)}/heatmap`, { kind, stat, param }),
-  layerStats: (id, { layer, param, kind }) => getJSON(`${runPath(id)}/layer_stats`, { layer, param, kind }),
-  histograms: (id, { layer, param, kind }) => getJSON(`${runPath(id)}/histograms`, { layer, param, kind }),
+  scalars: (id, key, win = {}) => getJSON(`${runPath(id)}/scalars`, { key, ...win }),
+  heatmap: (id, { kind, stat, param }, win = {}) => getJSON(`${runPath(id)}/heatmap`, { kind, stat, param, ...win }),
+  layerStats: (id, { layer, param, kind }, win = {}) => getJSON(`${runPath(id)}/layer_stats`, { layer, param, kind, ...win }),
+  histograms: (id, { layer, param, kind }, win = {}) => getJSON(`${runPath(id)}/histograms`, { layer, param, kind, ...win }),
   alerts: (id) => getJSON(`${runPath(id)}/alerts`),
 };
+
+// The request window for a shown step range: whole steps around it.
+export function stepWindow(xRange, maxPoints) {
+  if (!xRange) return { max_points: maxPoints };
+  return { start: Math.max(0, Math.floor(xRange[0])), end: Math.ceil(xRange[1]), max_points: maxPoints };
+}
 
 // One /ws/live connection for the whole page. Reconnects with exponential
 // backoff; `onOpen(reconnected)` lets views catch up on what they missed.

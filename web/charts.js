@@ -6,15 +6,41 @@ import { escapeHtml, HIST_BINS } from "./api.js";
 
 /* global Plotly */
 
+// The plot colours follow the page's theme (style.css variables, dark or
+// light); refreshPalette() reads them again after the theme changes.
 export const COLORS = {
   text: "#c9d1d9",
   muted: "#8b949e",
   grid: "#21262d",
   panel: "#161b22",
+  panel2: "#1c2128",
+  border: "#30363d",
   plot: "#0d1117",
   severity: { info: "#58a6ff", warning: "#d29922", critical: "#f85149" },
   traces: ["#58a6ff", "#f0883e", "#3fb950", "#bc8cff", "#ff7b72", "#39c5cf", "#d29922"],
 };
+
+export function refreshPalette() {
+  const css = getComputedStyle(document.documentElement);
+  const v = (name, fallback) => css.getPropertyValue(name).trim() || fallback;
+  Object.assign(COLORS, {
+    text: v("--text", COLORS.text),
+    muted: v("--muted", COLORS.muted),
+    grid: v("--grid", COLORS.grid),
+    panel: v("--panel", COLORS.panel),
+    panel2: v("--panel-2", COLORS.panel2),
+    border: v("--border", COLORS.border),
+    plot: v("--plot", COLORS.plot),
+  });
+  COLORS.severity = { info: v("--info", "#58a6ff"), warning: v("--warning", "#d29922"), critical: v("--critical", "#f85149") };
+  COLORS.traces = v("--traces", COLORS.traces.join(" ")).split(/\s+/);
+}
+
+// The x axis of every step plot: the shown step range when one is set (zoom,
+// deep link), else the whole run.
+export function stepAxis(xRange) {
+  return xRange ? { range: xRange.slice(), autorange: false } : { autorange: true };
+}
 
 // Stats whose values span decades and are >= 0: drawn on a log10 colour scale.
 export const LOG_STATS = new Set(["norm", "rms", "std", "update_ratio", "numel"]);
@@ -23,9 +49,9 @@ export const LOG_STATS = new Set(["norm", "rms", "std", "update_ratio", "numel"]
 // size (CS231n "Neural Networks Part 3", ratio of updates to values).
 export const UPDATE_RATIO_GUIDE = 1e-3;
 
-// Histogram counts: zero is the page's background, dense bins glow (magma-like).
-const COUNT_SCALE = [
-  [0, "#0d1117"],
+// Histogram counts: zero is the plot's background, dense bins glow (magma-like).
+const countScale = () => [
+  [0, COLORS.plot],
   [0.12, "#2c115f"],
   [0.35, "#721f81"],
   [0.6, "#d3436e"],
@@ -43,7 +69,7 @@ function baseLayout(extra = {}) {
     margin: { l: 60, r: 20, t: 10, b: 40 },
     // Keep the user's zoom and pan while live updates redraw the plot.
     uirevision: "keep",
-    hoverlabel: { bgcolor: COLORS.panel, bordercolor: "#30363d", font: { color: COLORS.text }, align: "left" },
+    hoverlabel: { bgcolor: COLORS.panel, bordercolor: COLORS.border, font: { color: COLORS.text }, align: "left" },
     xaxis: { title: { text: "step" }, gridcolor: COLORS.grid, zeroline: false, automargin: true },
     yaxis: { gridcolor: COLORS.grid, zeroline: false, automargin: true },
     ...extra,
@@ -121,7 +147,7 @@ export function alertHover(alert) {
 
 // `keys` are the shown scalar keys, loss first; trace i is keys[i], so live
 // points can be appended with Plotly.extendTraces(div, ..., [i]).
-export function renderScalars(div, { scalars, keys, alerts, logY }) {
+export function renderScalars(div, { scalars, keys, alerts, logY, xRange }) {
   const traces = keys.map((key, i) => ({
     type: "scatter",
     mode: "lines",
@@ -149,7 +175,8 @@ export function renderScalars(div, { scalars, keys, alerts, logY }) {
         line: { color: COLORS.plot, width: 1 },
       },
       text: alerts.map(alertHover),
-      hovertemplate: "%{text}<extra></extra>",
+      customdata: alerts.map((_, i) => i), // a click finds its alert by index
+      hovertemplate: "%{text}<br><i>click: show the layer</i><extra></extra>",
     });
     for (const a of alerts) {
       shapes.push({
@@ -174,6 +201,7 @@ export function renderScalars(div, { scalars, keys, alerts, logY }) {
     annotations: keys.some((k) => scalars[k] && scalars[k].steps.length) ? [] : [emptyAnnotation("No scalars logged yet")],
   });
   layout.yaxis = { ...layout.yaxis, type: logY ? "log" : "linear", title: { text: "loss" } };
+  layout.xaxis = { ...layout.xaxis, ...stepAxis(xRange) };
   if (hasRight) {
     const right = keys.filter((k) => scalarAxis(k) === "y2").map(escapeHtml).join(", ");
     layout.yaxis2 = {
@@ -284,7 +312,7 @@ export function renderHeatmap(div, heat, options) {
     annotations: labels.length ? [] : [emptyAnnotation(options.empty || "No data yet")],
   });
   layout.yaxis = { ...layout.yaxis, type: "category", autorange: "reversed", showgrid: false, tickfont: { size: 11 } };
-  layout.xaxis = { ...layout.xaxis, showgrid: false };
+  layout.xaxis = { ...layout.xaxis, showgrid: false, ...stepAxis(options.xRange) };
   return Plotly.react(div, labels.length ? [trace] : [], layout, PLOT_CONFIG);
 }
 
@@ -342,7 +370,7 @@ export function rebinHistograms(hist, outBins = 64) {
 // Histogram over time: a (value bins × steps) heatmap of log10(1 + count),
 // the mean from layer_stats on top of it, and above, the per-step count of
 // NaN/Inf elements (which a histogram of finite values cannot show).
-export function renderHistogram(div, hist, stats, label) {
+export function renderHistogram(div, hist, stats, label, { xRange, step } = {}) {
   const binned = hist && hist.steps.length ? rebinHistograms(hist) : null;
   const traces = [];
   const safeLabel = escapeHtml(label);
@@ -356,7 +384,7 @@ export function renderHistogram(div, hist, stats, label) {
       text: z.map((row, j) =>
         row.map((c) => `${formatNumber(centers[j] - width / 2)} … ${formatNumber(centers[j] + width / 2)}: ${c === null ? "no finite values" : `≈${Math.round(c)}`}`),
       ),
-      colorscale: COUNT_SCALE,
+      colorscale: countScale(),
       zmin: 0,
       colorbar: { title: { text: "log10<br>(1+count)", side: "top" }, thickness: 12, outlinewidth: 0, len: 0.76, y: 0, yanchor: "bottom" },
       hovertemplate: `${safeLabel}<br>step %{x}<br>%{text}<extra></extra>`,
@@ -392,7 +420,13 @@ export function renderHistogram(div, hist, stats, label) {
     margin: { l: 60, r: 10, t: 10, b: 40 },
     bargap: 0,
     annotations: binned ? [] : [emptyAnnotation("No histograms for this series yet")],
+    // The step picked in a heatmap or by an alert, marked across both panes.
+    shapes:
+      step === null || step === undefined
+        ? []
+        : [{ type: "line", xref: "x", yref: "paper", x0: step, x1: step, y0: 0, y1: 1, line: { color: COLORS.severity.warning, width: 1.5, dash: "dash" } }],
   });
+  layout.xaxis = { ...layout.xaxis, ...stepAxis(xRange) };
   layout.yaxis = { ...layout.yaxis, domain: [0, 0.76], title: { text: "value" }, tickformat: ".2~g" };
   layout.yaxis2 = {
     domain: [0.82, 1],
@@ -404,6 +438,31 @@ export function renderHistogram(div, hist, stats, label) {
     tickfont: { size: 10 },
     nticks: 3,
   };
+  return Plotly.react(div, traces, layout, PLOT_CONFIG);
+}
+
+// Lines over steps sharing one y axis: the learning rate, or several runs
+// overlaid in the compare view. `series`: [{name, x, y}] (names escaped here).
+export function renderLines(div, series, { yTitle = "", logY = false, xRange = null, empty = "No data yet" } = {}) {
+  const traces = series.map((s, i) => ({
+    type: "scatter",
+    mode: "lines",
+    name: escapeHtml(s.name),
+    x: s.x.slice(),
+    y: s.y.slice(),
+    connectgaps: false,
+    line: { color: COLORS.traces[i % COLORS.traces.length], width: 1.6 },
+    hovertemplate: `${escapeHtml(s.name)}<br>step %{x}<br>%{y:.4g}<extra></extra>`,
+  }));
+  const layout = baseLayout({
+    showlegend: series.length > 1,
+    legend: { orientation: "h", x: 0, y: 1.14, bgcolor: "rgba(0,0,0,0)" },
+    margin: { l: 60, r: 20, t: series.length > 1 ? 30 : 10, b: 40 },
+    hovermode: "x unified",
+    annotations: series.some((s) => s.x.length) ? [] : [emptyAnnotation(empty)],
+  });
+  layout.yaxis = { ...layout.yaxis, type: logY ? "log" : "linear", title: { text: escapeHtml(yTitle) }, exponentformat: "e" };
+  layout.xaxis = { ...layout.xaxis, ...stepAxis(xRange) };
   return Plotly.react(div, traces, layout, PLOT_CONFIG);
 }
 

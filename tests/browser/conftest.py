@@ -108,7 +108,10 @@ class TrainingClient:
             self.seq += 1
         with connect(self.url) as ws:
             ws.send(json.dumps(wire.batch(built)))
+            # The server may push alerts its rules raised on this batch before the ack.
             answer = json.loads(ws.recv(timeout=10))
+            while answer.get("kind") == "alert":
+                answer = json.loads(ws.recv(timeout=10))
         assert answer.get("kind") == "ack", answer
         assert sorted(answer["seqs"][self.run_id]) == [f["seq"] for f in built], answer
 
