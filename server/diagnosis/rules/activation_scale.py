@@ -1,0 +1,101 @@
+"""activation_scale: a layer's outputs are far too small or far too large, sample after sample.
+
+Sources: the DL4J visualisation guide (activations with a standard deviation
+of about 0.5 to 2.0 are healthy); "37 reasons why your neural network is not
+working" (initialisation and normalization). Signal: the `std` of each
+module's activation row, on sampled steps.
+
+DL4J's [0.5, 2.0] is too narrow for PyTorch defaults: a default-initialised
+nn.Linear (kaiming_uniform, a=sqrt(5)) multiplies its input's std by about
+1/sqrt(3) and a ReLU by about 0.58 again, so healthy MLPs measured 0.29-0.49
+on every hidden layer, and every layer would be reported. The `info` band is
+DL4J's widened five-fold each way, [0.1, 10]: a layer ten times off the
+healthy range is worth knowing (a GPT-style embedding at std 0.02 still is, as
+information). Outside [1e-3, 1e3]
+is a `warning` when the scale also reaches the *next* module in forward
+order: the signal is vanishing or blowing up on its way through the network.
+A single tiny or huge module whose scale is absorbed right after it (a
+zero-initialised residual branch or BatchNorm gamma, a projection followed by
+a normalization layer) is only `info`.
+
+Left out: the model's last module (logits and outputs have whatever scale the
+task needs), modules whose range is fixed by construction (softmax,
+sigmoid/tanh: their trouble is `saturated_units`), and ReLU layers that are
+(nearly) all zeros (`dead_units` says that).
+"""
+
+from __future__ import annotations
+
+from server.diagnosis.view import RunView, fmt
+from server.store import Finding
+
+RULE_ID = "activation_scale"
+
+# DL4J visualisation guide's healthy range [0.5, 2.0], widened 5x each way (see above): info outside.
+STD_LOW, STD_HIGH = 0.1, 10.0
+STD_TINY, STD_HUGE = 1e-3, 1e3  # DIAGNOSTICS.md: warning outside, when the scale propagates
+SUSTAIN = 3  # consecutive samples (samples, not steps: sampling is sparse)
+DEAD_ZEROS = 0.99  # zero_frac above which the layer is dead_units' business, not a scale
+BOUNDED_TYPES = frozenset(
+    {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"}
+)
+
+
+def check(view: RunView, state: dict) -> list[Finding]:
+    sample = view.sample
+    if sample is None or not sample.stats:
+        return []
+    last = _output_module(view)
+    stds: dict[str, float] = {}  # every measured module (the "next module" may be any of them)
+    zeros: dict[str, float] = {}
+    for (layer, _, kind), row in sample.stats.items():
+        std = row.get("std")
+        if kind == "activation" and std is not None and std == std:
+            stds[layer] = std
+            zeros[layer] = row.get("zero_frac", 0.0)
+    ordered = sorted(stds, key=view.order)
+    runs: dict[str, int] = state.setdefault("runs", {})
+    since: dict[str, int] = state.setdefault("since", {})
+    findings: list[Finding] = []
+    warned = False
+    for i, layer in enumerate(ordered):
+        std = stds[layer]
+        if layer == last or view.module_type(layer) in BOUNDED_TYPES or zeros[layer] > DEAD_ZEROS:
+            runs[layer] = 0
+            continue
+        if STD_LOW <= std <= STD_HIGH:
+            runs[layer] = 0
+            continue
+        if not runs.get(layer):
+            since[layer] = view.step
+        runs[layer] = runs.get(layer, 0) + 1
+        if runs[layer] < SUSTAIN:
+            continue
+        following = ordered[i + 1] if i + 1 < len(ordered) else None
+        nxt = stds.get(following) if following is not None else None
+        extreme = std < STD_TINY or std > STD_HUGE
+        propagates = nxt is not None and ((std < STD_TINY and nxt < STD_TINY) or (std > STD_HUGE and nxt > STD_HUGE))
+        # Only the first module in forward order where the scale goes off gets the warning:
+        # the ones after it inherit it, and one alert where it starts says more than ten.
+        severity = "warning" if extreme and propagates and not warned else "info"
+        warned = warned or severity == "warning"
+        told: set = state.setdefault("told", set())
+        if severity == "info" and layer in told:
+            continue  # info is said once per layer: worth knowing, not worth repeating
+        told.add(layer)
+        message = (
+            f"the output std of {layer!r} ({view.module_type(layer)}) is {fmt(std)}, outside "
+            f"[{fmt(STD_LOW)}, {fmt(STD_HIGH)}], over {runs[layer]} consecutive samples (since step {since[layer]})"
+        )
+        if severity == "warning":
+            bound = "below " + fmt(STD_TINY) if std < STD_TINY else "above " + fmt(STD_HUGE)
+            message += f"; it is {bound} and the next module {following!r} carries it on (std {fmt(nxt)})"
+        evidence = {"std": std, "next_module": following, "next_std": nxt, "since_step": since[layer]}
+        findings.append(view.finding(RULE_ID, message, layer=layer, evidence=evidence, severity=severity))
+    return findings
+
+
+def _output_module(view: RunView) -> str | None:
+    """The last module (other than the root) the forward called: the output layer, not a hidden one."""
+    called = [m["name"] for m in view.modules if m["name"] and m.get("called") is not False]
+    return called[-1] if called else None
