@@ -289,6 +289,7 @@ function onAlert(alert) {
     renderHeader();
   }
   renderAlerts();
+  renderHealth();
   if (S.tab === "overview") drawOverview();
   if (S.tab === "model") renderModel();
   loadWebhooks(S.gen);

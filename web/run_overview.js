@@ -101,9 +101,9 @@ export function drawLr() {
 }
 
 export function drawOverview() {
+  renderHealth();
   drawScalars();
   drawLr();
-  renderHealth();
 }
 
 // A live `scalars` event: the page's data first, the plot only when shown.
