@@ -443,7 +443,7 @@ export function renderHistogram(div, hist, stats, label, { xRange, step } = {}) 
 
 // Lines over steps sharing one y axis: the learning rate, or several runs
 // overlaid in the compare view. `series`: [{name, x, y}] (names escaped here).
-export function renderLines(div, series, { yTitle = "", logY = false, xRange = null, empty = "No data yet" } = {}) {
+export function renderLines(div, series, { yTitle = "", logY = false, xRange = null, empty = "No data yet", toZero = false } = {}) {
   const traces = series.map((s, i) => ({
     type: "scatter",
     mode: "lines",
@@ -461,7 +461,15 @@ export function renderLines(div, series, { yTitle = "", logY = false, xRange = n
     hovermode: "x unified",
     annotations: series.some((s) => s.x.length) ? [] : [emptyAnnotation(empty)],
   });
-  layout.yaxis = { ...layout.yaxis, type: logY ? "log" : "linear", title: { text: escapeHtml(yTitle) }, exponentformat: "e" };
+  layout.yaxis = {
+    ...layout.yaxis,
+    type: logY ? "log" : "linear",
+    title: { text: escapeHtml(yTitle) },
+    exponentformat: "e",
+    // A constant learning rate is a flat line above zero, not a line "at 0" in a ±1 range.
+    ...(toZero && !logY ? { rangemode: "tozero" } : {}),
+    ...(logY ? { nticks: 6 } : {}),
+  };
   layout.xaxis = { ...layout.xaxis, ...stepAxis(xRange) };
   return Plotly.react(div, traces, layout, PLOT_CONFIG);
 }

@@ -50,14 +50,14 @@ function paramFor(run, layer, kind) {
 
 function renderControls() {
   const layers = layersFor(C.kind);
-  if (!layers.includes(C.layer)) C.layer = layers[0] ?? null;
+  if (layers.length && !layers.includes(C.layer)) C.layer = layers[0];
   fill($("compare-layer"), layers, C.layer);
   fill($("compare-kind"), TENSOR_KINDS, C.kind);
   fill($("compare-stat"), STAT_FIELDS, C.stat);
   $("compare-stat-title").textContent = C.layer === null ? "Layer statistic" : `${C.layer} · ${C.kind} ${C.stat}`;
 }
 
-const label = (run) => `${run.name} (${run.id})`;
+const label = (run) => (C.runs.filter((r) => r.name === run.name).length > 1 ? `${run.name} (${String(run.id).slice(0, 8)})` : run.name);
 
 async function drawLoss(gen) {
   const data = await Promise.all(C.runs.map((r) => api.scalars(r.id, "loss", stepWindow(C.range, 2000))));
@@ -134,6 +134,7 @@ export const compareView = {
       $("compare-log").addEventListener("change", draw);
     }
     const gen = ++C.gen;
+    C.runs = []; // until loaded, a reconnect's refresh() has nothing to draw
     C.ids = (params.get("runs") || "").split(",").filter(Boolean);
     C.layer = params.get("layer");
     C.kind = TENSOR_KINDS.includes(params.get("kind")) ? params.get("kind") : "grad";
@@ -176,7 +177,7 @@ export const compareView = {
   },
 
   refresh() {
-    if (C.ids.length) return draw();
+    if (C.runs.length) return draw();
   },
 
   onEvent(event) {

@@ -92,12 +92,12 @@ export function drawLr() {
   const groups = (S.run.optimizer && S.run.optimizer.param_groups) || [];
   const lrs = [...new Set(groups.map((g) => g.lr).filter((v) => v !== undefined))];
   $("lr-hint").textContent = key
-    ? `The logged scalar "${key}" per step.`
+    ? `"${key}" per optimizer step (the monitor logs each param group's lr).`
     : lrs.length
       ? `Not logged per step; the optimizer started at lr ${lrs.join(", ")}. Log it with mon.log(lr=...) to see a schedule.`
       : "Not logged: mon.log(lr=scheduler.get_last_lr()[0]) draws it here.";
   const series = entry ? [{ name: key, x: entry.steps, y: entry.values }] : [];
-  renderLines($("lr-plot"), series, { yTitle: key || "lr", xRange: S.range, empty: "No learning rate logged" });
+  renderLines($("lr-plot"), series, { yTitle: key || "lr", xRange: S.range, empty: "No learning rate logged", toZero: true });
 }
 
 export function drawOverview() {
