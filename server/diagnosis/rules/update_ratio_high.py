@@ -84,9 +84,11 @@ def check(view: RunView, state: dict) -> list[Finding]:
         label = f"{layer}.{name}" if layer else name
         message = (
             f"the update ratio ||dw||/||w|| of {label!r} is {fmt(ratio)} "
-            f"({fmt(min(recent))}..{fmt(max(recent))} over the last {len(recent)} samples, above {RATIO_HIGH}); "
-            f"the other weights' median is {fmt(typical)} (about 1e-3 is healthy)"
+            f"({fmt(min(recent))}..{fmt(max(recent))} over the last {len(recent)} samples, above {RATIO_HIGH}; "
+            "about 1e-3 is healthy)"
         )
+        if math.isfinite(typical):
+            message += f"; the other weights' median is {fmt(typical)}"
         evidence = {"param": name, "update_ratio": ratio, "recent": recent, "others_median": typical}
         findings.append(view.finding(RULE_ID, message, layer=layer or None, evidence=evidence))
     return findings
