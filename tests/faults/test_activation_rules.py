@@ -110,7 +110,9 @@ def test_a_layer_killed_entirely_is_critical(train_and_diagnose) -> None:
     found = by_rule(alerts, "dead_units")
     assert [(a["layer"], a["severity"]) for a in found] == [("3", "critical")], describe(alerts)
     assert found[0]["step"] == 10
-    assert by_rule(alerts, "activation_scale") == [] or all(a["layer"] != "3" for a in by_rule(alerts, "activation_scale"))
+    assert by_rule(alerts, "activation_scale") == [] or all(
+        a["layer"] != "3" for a in by_rule(alerts, "activation_scale")
+    )
 
 
 def test_a_huge_learning_rate_that_kills_units_is_flagged(train_and_diagnose) -> None:

@@ -34,7 +34,10 @@ RULE_ID = "activation_scale"
 # DL4J visualisation guide's healthy range [0.5, 2.0], widened 5x each way (see above): info outside.
 STD_LOW, STD_HIGH = 0.1, 10.0
 STD_TINY, STD_HUGE = 1e-3, 1e3  # DIAGNOSTICS.md: warning outside, when the scale propagates
-SUSTAIN = 3  # consecutive samples (samples, not steps: sampling is sparse)
+# Sustained: SUSTAIN consecutive samples, or two that are SPAN_STEPS apart. Samples, not steps:
+# with adaptive sampling a small model is sampled at steps 0 and 10, then every few hundred.
+SUSTAIN = 3
+SPAN_STEPS = 10
 DEAD_ZEROS = 0.99  # zero_frac above which the layer is dead_units' business, not a scale
 BOUNDED_TYPES = frozenset(
     {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"}
@@ -69,7 +72,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         if not runs.get(layer):
             since[layer] = view.step
         runs[layer] = runs.get(layer, 0) + 1
-        if runs[layer] < SUSTAIN:
+        if runs[layer] < SUSTAIN and (runs[layer] < 2 or view.step - since[layer] < SPAN_STEPS):
             continue
         following = ordered[i + 1] if i + 1 < len(ordered) else None
         nxt = stds.get(following) if following is not None else None

@@ -38,7 +38,10 @@ DEAD_FRACTION = 0.5  # DIAGNOSTICS.md; CS231n's "40% dead" is already bad, AutoT
 # Element proxy: with half the units dead and the rest firing half the time, 75% of outputs
 # are 0; 90% means ~80% dead units at a typical firing rate, which healthy layers do not reach.
 ZERO_FRACTION_PROXY = 0.9
-SUSTAIN = 3  # consecutive samples (samples, not steps: sampling is sparse)
+# Sustained: SUSTAIN consecutive samples, or two that are SPAN_STEPS apart. Samples, not steps:
+# with adaptive sampling a small model is sampled at steps 0 and 10, then every few hundred.
+SUSTAIN = 3
+SPAN_STEPS = 10
 # Slack between the two measurements of dead <= zero_frac (gradient accumulation: the
 # activation row is the first micro-batch's, the gradient the sum over all of them).
 CONSISTENCY = 0.05
@@ -66,7 +69,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         if not runs.get(layer):
             since[layer] = view.step
         runs[layer] = runs.get(layer, 0) + 1
-        if runs[layer] < SUSTAIN:
+        if runs[layer] < SUSTAIN and (runs[layer] < 2 or view.step - since[layer] < SPAN_STEPS):
             continue
         share = dead if dead is not None else zeros
         if dead is not None:

@@ -21,7 +21,10 @@ from server.store import Finding
 RULE_ID = "saturated_units"
 
 SATURATED_FRACTION = 0.5  # DeepDiagnosis (ICSE'22): > 50% of the units saturated
-SUSTAIN = 3  # consecutive samples (samples, not steps: sampling is sparse)
+# Sustained: SUSTAIN consecutive samples, or two that are SPAN_STEPS apart. Samples, not steps:
+# with adaptive sampling a small model is sampled at steps 0 and 10, then every few hundred.
+SUSTAIN = 3
+SPAN_STEPS = 10
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -42,7 +45,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         if not runs.get(layer):
             since[layer] = view.step
         runs[layer] = runs.get(layer, 0) + 1
-        if runs[layer] < SUSTAIN:
+        if runs[layer] < SUSTAIN and (runs[layer] < 2 or view.step - since[layer] < SPAN_STEPS):
             continue
         message = (
             f"{fmt(100 * sat)}% of the outputs of {layer!r} ({view.module_type(layer)}) are saturated "
