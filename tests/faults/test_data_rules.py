@@ -221,3 +221,17 @@ def test_validation_in_eval_mode_between_steps_is_not_flagged(train_and_diagnose
 
     alerts = train_and_diagnose(train, model, opt, run="data-eval-between")
     assert by_rule(alerts, "eval_mode_training") == [], describe(alerts)
+
+
+def test_eval_mode_is_only_info_when_no_module_depends_on_it(train_and_diagnose) -> None:
+    x, y = digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # eval() changes nothing here
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train(mon) -> None:
+        model.eval()
+        fit(model, opt, shuffled(x, y, 10), mon)
+
+    alerts = train_and_diagnose(train, model, opt, run="data-eval-mode-free")
+    assert [a["severity"] for a in by_rule(alerts, "eval_mode_training")] == ["info"], describe(alerts)
