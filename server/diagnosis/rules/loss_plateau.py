@@ -1,0 +1,75 @@
+"""loss_plateau: the smoothed loss has not improved by more than 1% for PLATEAU_STEPS, far above its start.
+
+Source: the training-debugging guides ("plateau -> raise LR, remove
+regularization"). Signal: the `loss` scalar and the `lr` scalar.
+
+The smoothed loss is the mean of the last SMOOTH losses; "improved" compares
+its best value within the last PLATEAU_STEPS losses with its best before
+them, so slow but steady progress never counts as a plateau, and noise that
+only wobbles around a level does. Only while the smoothed loss is still above
+STILL_HIGH of the initial one: a run that converged and flattened is far
+below its start. Not flagged during LR warm-up (the LR still rising over the
+window: the run has not had its real LR yet), nor when the loss is more than
+FLAT above its best (that is a loss getting worse, not a plateau), nor while the LR is 0, nor for a
+loss whose initial value is not positive (a fraction of it means nothing).
+"""
+
+from __future__ import annotations
+
+import math
+
+from server.diagnosis.view import RunView, fmt
+from server.store import Finding
+
+RULE_ID = "loss_plateau"
+
+PLATEAU_STEPS = 50  # losses without a >1% improvement (a few dozen steps: "caught early")
+MIN_IMPROVEMENT = 0.01  # DIAGNOSTICS.md: no >1% improvement of the smoothed loss
+STILL_HIGH = 0.5  # DIAGNOSTICS.md: while still > 50% of the initial loss
+SMOOTH = 10  # losses in the running mean
+FLAT = 0.1  # a plateau is flat: the smoothed loss within 10% of its best
+INITIAL = 5  # the first losses whose mean is the initial loss
+
+
+def check(view: RunView, state: dict) -> list[Finding]:
+    rec = view.record
+    loss = rec.scalars.get("loss")
+    if loss is None or not math.isfinite(loss):
+        return []
+    recent = state.setdefault("recent", [])
+    recent.append(loss)
+    del recent[:-SMOOTH]
+    if len(recent) == INITIAL and "initial" not in state:
+        state["initial"] = sum(recent) / len(recent)
+    initial = state.get("initial")
+    if initial is None or initial <= 0 or len(recent) < SMOOTH:
+        return []
+    smoothed = sum(recent) / len(recent)
+    window = state.setdefault("window", [])  # (step, smoothed, lr) of the last PLATEAU_STEPS losses
+    window.append((view.step, smoothed, rec.scalars.get("lr")))
+    if len(window) > PLATEAU_STEPS:
+        step_out, dropped, _ = window.pop(0)
+        if dropped < state.get("best_before", math.inf):
+            state["best_before"], state["best_step"] = dropped, step_out
+    best_before = state.get("best_before")
+    if best_before is None:
+        return []  # not yet PLATEAU_STEPS smoothed losses to compare with
+    best_now = min(s for _, s, _ in window)
+    if best_now < best_before * (1 - MIN_IMPROVEMENT) or smoothed <= STILL_HIGH * initial:
+        return []
+    if smoothed > min(best_now, best_before) * (1 + FLAT):
+        return []  # worse than its best: rising or swinging (loss_diverging's, loss_oscillating's), not flat
+    lrs = [lr for _, _, lr in window if lr is not None]
+    if lrs and (lrs[-1] <= 0 or lrs[-1] > lrs[0] * 1.001):
+        return []  # lr 0 (frozen on purpose) or still warming up
+    first_step = window[0][0]
+    message = (
+        f"the loss (mean of the last {SMOOTH}) is {fmt(smoothed)}, {fmt(100 * smoothed / initial)}% of its initial "
+        f"{fmt(initial)}, and has not improved by more than {fmt(100 * MIN_IMPROVEMENT)}% since step {first_step} "
+        f"(best {fmt(best_now)} since then, {fmt(best_before)} before)"
+    )
+    if lrs:
+        message += f"; lr = {fmt(lrs[-1])}"
+    evidence = {"smoothed": smoothed, "initial": initial, "best_before": best_before, "best_since": best_now}
+    evidence["since_step"] = first_step
+    return [view.finding(RULE_ID, message, evidence=evidence)]
