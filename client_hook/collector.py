@@ -150,6 +150,8 @@ class Collector:
         self._watch_forward_order()
         labelled = [(f"{layer}.{name}" if layer else name, param) for (layer, name, _), param in self._parameters()]
         self.signals = StepSignals(model, self._names, labelled)
+        if optimizer is not None:
+            self.signals.optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         # Always on, every step: two hooks on the top module only (see signals.py for the cost).
         before = self._guard("signals", self.signals.before_forward, training_only=True, timed=False)
         after = self._guard("signals", self.signals.after_forward, training_only=True, timed=False)

@@ -133,6 +133,7 @@ class StepSignals:
         self._replaying = False
         self._check_stale = False
         self._probes: list[nn.Parameter] = []
+        self.optimized: set[int] | None = None  # ids of the optimizer's parameters, when there is one
         self._reset()
 
     def _reset(self) -> None:
@@ -205,9 +206,7 @@ class StepSignals:
 
     def end_step(self, step: int) -> SignalsItem:
         """Pack this step's signals (one vector, one copy) and get ready for the next step."""
-        device = next(
-            (t.device for t in (self._input, self._output_sum, self._norms) if t is not None), None
-        )
+        device = next((t.device for t in (self._input, self._output_sum, self._norms) if t is not None), None)
         vector = None
         fields: dict[str, Any] = {}
         if self._training is not None:
@@ -233,7 +232,12 @@ class StepSignals:
                 parts.append(self._norms)
             vector = torch.cat(parts) if len(parts) > 1 else parts[0]
         item = SignalsItem(step, vector, self._norm_labels if self._norms is not None else [], fields)
-        self._probes = [p for _, p in self._params if p.grad is not None][-STALE_PROBES:]
+        # Only parameters the optimizer holds: optimizer.zero_grad() never zeroes the others,
+        # so a parameter left out of the optimizer would look stale in a correct loop.
+        held = [
+            p for _, p in self._params if p.grad is not None and (self.optimized is None or id(p) in self.optimized)
+        ]
+        self._probes = held[-STALE_PROBES:]
         self._check_stale = True
         self._reset()
         return item

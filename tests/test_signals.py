@@ -151,3 +151,14 @@ def test_nonfinite_input_is_named_input() -> None:
     sig = signals_by_step(mon)[0]
     assert sig["input_nonfinite"] == 1 and sig["first_nonfinite"] == "input" and sig["input_mean"] is None
     mon.close()
+
+
+def test_parameters_outside_the_optimizer_are_not_probed_for_stale_gradients() -> None:
+    model = net()
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.01)  # the other layers were forgotten
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x, y = torch.randn(8, 6) * 0.1, torch.randint(0, 3, (8,))
+    for _ in range(3):
+        step(model, opt, mon, x, y)  # opt.zero_grad() leaves the forgotten layers' grads alone
+    assert [signals_by_step(mon)[s].get("grads_stale") for s in range(3)] == [None, False, False]
+    mon.close()

@@ -37,14 +37,13 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         findings = diagnose_stored_run(session, run_id=found.id)
         elapsed = time.perf_counter() - started
-        findings.sort(key=lambda fc: (-severity_rank(fc[0].severity), fc[0].evidence.get("first_step", fc[0].step)))
+        findings.sort(key=lambda fc: (-severity_rank(fc[0].severity), fc[2]))
         print(
             f"run {found.name!r} ({found.id}), project {found.project!r}, {found.status}, last step {found.last_step}"
         )
         if not findings:
             print("no findings: every rule is quiet on this run")
-        for finding, times in findings:
-            first = (finding.evidence or {}).get("first_step", finding.step)
+        for finding, times, first in findings:
             where = f" [{finding.layer}]" if finding.layer else ""
             print(f"{finding.severity:8} {finding.rule}{where}  steps {first}..{finding.step} ({times}x)")
             print(f"         {finding.message}")
@@ -52,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(findings)} finding(s) in {elapsed:.2f} s")
         if args.store:
             now = time.time()
-            for finding, _ in findings:
-                first = (finding.evidence or {}).get("first_step", finding.step)
+            for finding, _, first in findings:
                 store.upsert_alert(session, run_id=found.id, finding=finding, now=now, first_step=first)
             session.commit()
             print("stored as the run's alerts")

@@ -65,8 +65,8 @@ class RunDiagnosis:
         return findings
 
 
-def merge(findings: list[Finding]) -> list[tuple[Finding, int]]:
-    """One finding per (rule, layer): the latest, with the first step and how many times it fired."""
+def merge(findings: list[Finding]) -> list[tuple[Finding, int, int]]:
+    """One finding per (rule, layer): (the latest, how many times it fired, the first step it fired at)."""
     merged: dict[tuple[str, str | None], tuple[Finding, int]] = {}
     first: dict[tuple[str, str | None], int] = {}
     for f in findings:
@@ -78,13 +78,7 @@ def merge(findings: list[Finding]) -> list[tuple[Finding, int]]:
             severity = previous[0].severity
         latest = Finding(f.rule, severity, f.layer, f.step, f.message, f.remedy, f.evidence)
         merged[key] = (latest, (previous[1] if previous else 0) + 1)
-    return [(f, n) for key, (f, n) in merged.items() for f in [_with_first(f, first[key])]]
-
-
-def _with_first(f: Finding, first_step: int) -> Finding:
-    evidence = dict(f.evidence or {})
-    evidence.setdefault("first_step", first_step)
-    return Finding(f.rule, f.severity, f.layer, f.step, f.message, f.remedy, evidence)
+    return [(f, n, first[key]) for key, (f, n) in merged.items()]
 
 
 class Engine:
@@ -108,8 +102,7 @@ class Engine:
                 if frame["seq"] > diagnosis.last_seq:
                     diagnosis.history.add_frame(frame)
                     diagnosis.last_seq = frame["seq"]
-            for finding, _times in merge(diagnosis.evaluate()):
-                first = (finding.evidence or {}).get("first_step", finding.step)
+            for finding, _times, first in merge(diagnosis.evaluate()):
                 changes.append(store.upsert_alert(session, run_id=run_id, finding=finding, now=now, first_step=first))
             if diagnosis.history.finished:
                 del self._runs[run_id]  # a finished run needs no live state
@@ -126,7 +119,7 @@ class Engine:
         return diagnosis
 
 
-def diagnose_stored_run(session: Session, *, run_id: str) -> list[tuple[Finding, int]]:
+def diagnose_stored_run(session: Session, *, run_id: str) -> list[tuple[Finding, int, int]]:
     """Every finding of every rule on a stored run, merged per (rule, layer) as alerts would be."""
     _, findings = replay.replay(session, run_id=run_id, before_step=None, make=RunDiagnosis)
     return merge(findings)

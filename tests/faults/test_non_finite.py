@@ -84,7 +84,9 @@ def test_the_alert_reaches_the_training_process_and_diagnose_finds_it_again(
 
     with caplog.at_level(logging.WARNING, logger="layerwatch"):
         alerts = train_and_diagnose(train, model, opt, on_alert=received.append, run="nan-callback")
-    assert [(a["rule"], a["layer"], a["step"]) for a in received] == [("non_finite", "3", 10)], received
+    # (The x200 inputs also, rightly, raise input_not_normalized: only non_finite is checked here.)
+    nan_alerts = [(a["rule"], a["layer"], a["step"]) for a in received if a["rule"] == "non_finite"]
+    assert nan_alerts == [("non_finite", "3", 10)], received
     logged = [r.getMessage() for r in caplog.records if "non_finite" in r.getMessage()]
     assert len(logged) == 1 and "'3'" in logged[0]  # logged once, in the user's terminal
     assert by_rule(alerts, "non_finite")[0]["step"] == 10

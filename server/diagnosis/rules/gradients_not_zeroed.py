@@ -18,9 +18,6 @@ RULE_ID = "gradients_not_zeroed"
 # Consecutive steps with stale gradients before the alert: one stale step can be
 # a deliberate trick (e.g. an extra backward for a regulariser); three in a row is the loop.
 SUSTAIN = 3
-# How many parameters the client probes (client_hook.signals.STALE_PROBES): the
-# last ones that had a gradient. Copied, not imported: the server never imports torch.
-STALE_PROBES = 3
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -35,24 +32,9 @@ def check(view: RunView, state: dict) -> list[Finding]:
         state["since"] = view.step
     if state["run"] < SUSTAIN:
         return []
-    unoptimized = _unoptimized_probes(view)
-    if unoptimized:
-        # `optimizer.zero_grad()` only zeroes the optimizer's own parameters; a probed
-        # parameter outside every param group keeps accumulating although the loop is right.
-        # weights_not_updating names that layer; this flag says nothing about the loop.
-        return []
     message = (
         f"the gradients still held the previous step's values when backward began, "
         f"{state['run']} steps in a row (since step {state['since']}): they accumulate across steps"
     )
     evidence = {"consecutive_steps": state["run"], "since_step": state["since"]}
     return [view.finding(RULE_ID, message, evidence=evidence)]
-
-
-def _unoptimized_probes(view: RunView) -> list[str]:
-    """The probed parameters (the last trainable ones) that are in no optimizer param group."""
-    if view.optimizer is None:
-        return []  # without an optimizer, `in_optimizer` says nothing
-    trainable = [(layer, name, p) for layer, name, p in view.params() if p.get("requires_grad", True)]
-    probes = trainable[-STALE_PROBES:]
-    return [f"{layer}.{name}" if layer else name for layer, name, p in probes if p.get("in_optimizer") is False]
