@@ -129,6 +129,11 @@ def test_click_through_to_a_live_training(probe, server):
         # Layers: four layer × step heatmaps, growing with the training.
         page.click("#run-tabs [data-tab=layers]")
         page.wait_for_function(f"{trace_len('heatmap-frac')} > 0")
+        # The four heatmaps are fetched in parallel: wait for all, not just the last one asked for.
+        page.wait_for_function(
+            "[...document.querySelectorAll('.js-plotly-plot')]"
+            ".filter(d => d.offsetParent !== null && d.data && d.data.length).length >= 4"
+        )
         assert visible_plots(page) >= 4
         cols = page.evaluate(trace_len("heatmap-main"))
         page.wait_for_function(f"{trace_len('heatmap-main')} > {cols}")
