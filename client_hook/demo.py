@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs and --batch-size must be positive, but got {args.epochs} and {args.batch_size}")
     args.run = args.run or time.strftime("demo-%Y%m%d-%H%M%S")
 
+    # SIGTERM (e.g. `timeout`, a process manager) ends like Ctrl-C: the finally below stops the server we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     process = None
     if not server_answers(args.server):
         host = urlsplit(args.server).hostname
