@@ -30,6 +30,7 @@ from client_hook import stats
 from client_hook.model_info import param_owners
 from client_hook.sampling import Schedule
 from client_hook.signals import StepSignals
+from client_hook.tensors import HostCopy, first_float_tensor
 from client_hook.wire import ACTIVATION_PARAM
 
 log = logging.getLogger("layerwatch")
@@ -50,23 +51,6 @@ SATURATION: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
     nn.Sigmoid: lambda t: ((t.detach() < 0.01) | (t.detach() > 0.99)).float().mean(),
     nn.Hardsigmoid: lambda t: ((t.detach() <= 0.01) | (t.detach() >= 0.99)).float().mean(),
 }
-
-
-def first_float_tensor(value: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
-    if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
-    if isinstance(value, (tuple, list)):
-        items = value
-    elif isinstance(value, dict):
-        items = value.values()
-    else:
-        return None
-    for item in items:
-        found = first_float_tensor(item)
-        if found is not None:
-            return found
-    return None
 
 
 def _summarize_by_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -91,23 +75,12 @@ class Sample:
     ):
         """`extras`: per row, [update_ratio, sat_frac] (NaN where they do not apply)."""
         self.step, self.every, self.rows = step, every, rows
-        matrix = torch.cat([torch.stack(summaries), torch.stack(extras)], dim=1)
-        if matrix.device.type == "cuda":
-            # The step's one device-to-host copy, queued on the stream and not waited
-            # for here: the sender thread synchronises on the event instead.
-            self._host = torch.empty(matrix.shape, dtype=matrix.dtype, pin_memory=True)
-            self._host.copy_(matrix, non_blocking=True)
-            self._event: Any = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = matrix.cpu()  # CPU: no copy; other devices: one blocking copy
-            self._event = None
+        # The step's one device-to-host copy.
+        self._copy = HostCopy(torch.cat([torch.stack(summaries), torch.stack(extras)], dim=1))
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
-        if self._event is not None:
-            self._event.synchronize()
         stat_rows, hist_rows = [], []
-        for (layer, param, kind), values in zip(self.rows, self._host.tolist()):
+        for (layer, param, kind), values in zip(self.rows, self._copy.get().tolist()):
             summary, lo, hi, counts = stats.unpack_row(values[:-2])
             ratio, sat = (None if v != v else v for v in values[-2:])  # NaN: does not apply
             stat_rows.append([layer, param, kind, *summary.values(), ratio, sat])

@@ -35,6 +35,7 @@ from client_hook.preflight import preflight  # noqa: F401  (public: monitor.pref
 from client_hook.sampling import DEFAULT_OVERHEAD, Schedule
 from client_hook.sender import Frame, Sender
 from client_hook.signals import target_counts
+from client_hook.tensors import HostCopy
 
 log = logging.getLogger("layerwatch")
 
@@ -298,14 +299,10 @@ class _Deferred:
     """A CUDA scalar copied to pinned host memory without waiting; read in the sender thread."""
 
     def __init__(self, value: torch.Tensor) -> None:
-        self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        self._host.copy_(value, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        self._copy = HostCopy(value)
 
     def resolve(self) -> float:
-        self._event.synchronize()
-        return float(self._host)
+        return float(self._copy.get())
 
 
 class _Scalars:

@@ -32,9 +32,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from client_hook import preflight_checks as checks
-from client_hook.collector import first_float_tensor
 from client_hook.preflight_report import Finding, PreflightReport
 from client_hook.sender import Frame
+from client_hook.tensors import first_float_tensor
 
 __all__ = ["preflight", "PreflightReport", "Finding"]
 

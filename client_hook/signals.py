@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from client_hook.tensors import HostCopy, first_float_tensor
+
 FINGERPRINT_ELEMENTS = 4096  # elements of the input that enter the fingerprint's weighted sum
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
 TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
@@ -38,18 +40,6 @@ STALE_PROBES = 1  # parameters whose .grad is checked at the start of the next b
 # Slots of the per-step vector; gradient norms follow them.
 _IN_SUM, _IN_SUB_SUM, _IN_SUB_SQ, _IN_DOT, _OUT_SUM, _STALE, _GRAD_NORM = range(7)
 _WIDTH = 7
-
-
-def first_float_tensor(value: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in a value (tensor, tuple, list or dict, searched in order)."""
-    if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
-        found = first_float_tensor(item)
-        if found is not None:
-            return found
-    return None
 
 
 @torch.no_grad()
@@ -79,24 +69,12 @@ class SignalsItem:
 
     def __init__(self, step: int, vector: torch.Tensor | None, labels: list[str], fields: dict[str, Any]) -> None:
         self.step, self.labels, self.fields = step, labels, fields
-        self._event: Any = None
-        if vector is None:
-            self._host = None
-        elif vector.device.type == "cuda":
-            # The step's one small device-to-host copy; the sender waits on the event.
-            self._host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
-            self._host.copy_(vector, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = vector.cpu()
+        self._copy = HostCopy(vector) if vector is not None else None  # the step's one small copy
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
         fields = dict(self.fields)
-        if self._host is not None:
-            if self._event is not None:
-                self._event.synchronize()
-            v = self._host.tolist()
+        if self._copy is not None:
+            v = self._copy.get().tolist()
             n = max(fields.pop("_input_n", 0), 1)
             if fields.pop("_has_input", False):
                 finite = math.isfinite(v[_IN_SUM])
@@ -306,8 +284,6 @@ class _TargetCounts(SignalsItem):
         super().__init__(step, flat if flat.device.type == "cuda" else flat.clone(), [], {})
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
-        if self._event is not None:
-            self._event.synchronize()
-        values, counts = torch.unique(self._host, return_counts=True)
+        values, counts = torch.unique(self._copy.get(), return_counts=True)
         counts_by_class = {str(int(v)): int(c) for v, c in zip(values.tolist(), counts.tolist())}
         return [("signals", self.step, {"target_counts": counts_by_class})]
