@@ -96,6 +96,11 @@ class RunView:
         """Position of a module in forward order (unknown names last)."""
         return self.module_index.get(layer or "", len(self.modules))
 
+    def output_module(self) -> str | None:
+        """The last module (other than the root) the forward called: the output layer, not a hidden one."""
+        called = [m["name"] for m in self.modules if m["name"] and m.get("called") is not False]
+        return called[-1] if called else None
+
     def module_type(self, name: str) -> str | None:
         m = self.module(name)
         return None if m is None else m.get("type")
@@ -137,6 +142,32 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def streak(state: dict[str, Any], key: str, held: bool, step: int) -> tuple[int, int]:
+    """Count the consecutive samples for which `held` was true of `key`, in a rule's state.
+
+    Returns (count, first step of the streak); a sample where it does not hold
+    resets the count to 0.
+    """
+    runs: dict[str, int] = state.setdefault("runs", {})
+    since: dict[str, int] = state.setdefault("since", {})
+    if not held:
+        runs[key] = 0
+        return 0, step
+    if not runs.get(key):
+        since[key] = step
+    runs[key] = runs.get(key, 0) + 1
+    return runs[key], since[key]
+
+
+def sustained(count: int, since: int, step: int, *, samples: int, span_steps: int) -> bool:
+    """A streak counts as sustained after `samples` samples, or after two that are `span_steps` apart.
+
+    Samples, not steps: with adaptive sampling a small model is sampled at
+    steps 0 and 10, then only every few hundred steps.
+    """
+    return count >= samples or (count >= 2 and step - since >= span_steps)
 
 
 def fmt(value: float | None) -> str:

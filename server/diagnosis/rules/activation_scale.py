@@ -26,7 +26,7 @@ sigmoid/tanh: their trouble is `saturated_units`), and ReLU layers that are
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt
+from server.diagnosis.view import RunView, fmt, streak, sustained
 from server.store import Finding
 
 RULE_ID = "activation_scale"
@@ -48,7 +48,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
     sample = view.sample
     if sample is None or not sample.stats:
         return []
-    last = _output_module(view)
+    last = view.output_module()
     stds: dict[str, float] = {}  # every measured module (the "next module" may be any of them)
     zeros: dict[str, float] = {}
     for (layer, _, kind), row in sample.stats.items():
@@ -57,22 +57,13 @@ def check(view: RunView, state: dict) -> list[Finding]:
             stds[layer] = std
             zeros[layer] = row.get("zero_frac", 0.0)
     ordered = sorted(stds, key=view.order)
-    runs: dict[str, int] = state.setdefault("runs", {})
-    since: dict[str, int] = state.setdefault("since", {})
     findings: list[Finding] = []
     warned = False
     for i, layer in enumerate(ordered):
         std = stds[layer]
-        if layer == last or view.module_type(layer) in BOUNDED_TYPES or zeros[layer] > DEAD_ZEROS:
-            runs[layer] = 0
-            continue
-        if STD_LOW <= std <= STD_HIGH:
-            runs[layer] = 0
-            continue
-        if not runs.get(layer):
-            since[layer] = view.step
-        runs[layer] = runs.get(layer, 0) + 1
-        if runs[layer] < SUSTAIN and (runs[layer] < 2 or view.step - since[layer] < SPAN_STEPS):
+        measured = layer != last and view.module_type(layer) not in BOUNDED_TYPES and zeros[layer] <= DEAD_ZEROS
+        count, since = streak(state, layer, measured and not STD_LOW <= std <= STD_HIGH, view.step)
+        if not sustained(count, since, view.step, samples=SUSTAIN, span_steps=SPAN_STEPS):
             continue
         following = ordered[i + 1] if i + 1 < len(ordered) else None
         nxt = stds.get(following) if following is not None else None
@@ -88,17 +79,11 @@ def check(view: RunView, state: dict) -> list[Finding]:
         told.add(layer)
         message = (
             f"the output std of {layer!r} ({view.module_type(layer)}) is {fmt(std)}, outside "
-            f"[{fmt(STD_LOW)}, {fmt(STD_HIGH)}], over {runs[layer]} consecutive samples (since step {since[layer]})"
+            f"[{fmt(STD_LOW)}, {fmt(STD_HIGH)}], over {count} consecutive samples (since step {since})"
         )
         if severity == "warning":
             bound = "below " + fmt(STD_TINY) if std < STD_TINY else "above " + fmt(STD_HUGE)
             message += f"; it is {bound} and the next module {following!r} carries it on (std {fmt(nxt)})"
-        evidence = {"std": std, "next_module": following, "next_std": nxt, "since_step": since[layer]}
+        evidence = {"std": std, "next_module": following, "next_std": nxt, "since_step": since}
         findings.append(view.finding(RULE_ID, message, layer=layer, evidence=evidence, severity=severity))
     return findings
-
-
-def _output_module(view: RunView) -> str | None:
-    """The last module (other than the root) the forward called: the output layer, not a hidden one."""
-    called = [m["name"] for m in view.modules if m["name"] and m.get("called") is not False]
-    return called[-1] if called else None

@@ -28,7 +28,7 @@ the element proxy is used with a stricter threshold, ZERO_FRACTION_PROXY.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt
+from server.diagnosis.view import RunView, fmt, streak, sustained
 from server.store import Finding
 
 RULE_ID = "dead_units"
@@ -51,9 +51,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
     sample = view.sample
     if sample is None or not sample.stats:
         return []
-    last = _output_module(view)
-    runs: dict[str, int] = state.setdefault("runs", {})
-    since: dict[str, int] = state.setdefault("since", {})
+    last = view.output_module()
     findings = []
     for (layer, _, kind), row in sample.stats.items():
         if kind != "activation" or layer == last or view.module_type(layer) not in RELU_TYPES:
@@ -63,13 +61,8 @@ def check(view: RunView, state: dict) -> list[Finding]:
             continue
         feeder, dead = _dead_fraction(view, sample.stats, layer, row)
         bad = dead > DEAD_FRACTION if dead is not None else zeros > ZERO_FRACTION_PROXY
-        if not bad:
-            runs[layer] = 0
-            continue
-        if not runs.get(layer):
-            since[layer] = view.step
-        runs[layer] = runs.get(layer, 0) + 1
-        if runs[layer] < SUSTAIN and (runs[layer] < 2 or view.step - since[layer] < SPAN_STEPS):
+        count, since = streak(state, layer, bad, view.step)
+        if not sustained(count, since, view.step, samples=SUSTAIN, span_steps=SPAN_STEPS):
             continue
         share = dead if dead is not None else zeros
         if dead is not None:
@@ -79,9 +72,9 @@ def check(view: RunView, state: dict) -> list[Finding]:
             )
         else:
             what = f"{fmt(100 * zeros)}% of the outputs of {layer!r} are exactly 0"
-        message = f"{what}, over {runs[layer]} consecutive samples (since step {since[layer]})"
+        message = f"{what}, over {count} consecutive samples (since step {since})"
         severity = "critical" if share >= 1.0 else None  # the whole layer is dead: nothing passes
-        evidence = {"dead_fraction": dead, "zero_frac": zeros, "feeder": feeder, "since_step": since[layer]}
+        evidence = {"dead_fraction": dead, "zero_frac": zeros, "feeder": feeder, "since_step": since}
         findings.append(view.finding(RULE_ID, message, layer=layer, evidence=evidence, severity=severity))
     return findings
 
@@ -106,9 +99,3 @@ def _dead_fraction(view: RunView, stats: dict, layer: str, row: dict) -> tuple[s
     if dead > row.get("zero_frac", 0.0) + CONSISTENCY:
         return None, None
     return feeder, dead
-
-
-def _output_module(view: RunView) -> str | None:
-    """The last module (other than the root) the forward called: the output layer, not a hidden one."""
-    called = [m["name"] for m in view.modules if m["name"] and m.get("called") is not False]
-    return called[-1] if called else None

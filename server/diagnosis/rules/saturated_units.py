@@ -15,7 +15,7 @@ examples the model is sure about.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt
+from server.diagnosis.view import RunView, fmt, streak, sustained
 from server.store import Finding
 
 RULE_ID = "saturated_units"
@@ -31,33 +31,20 @@ def check(view: RunView, state: dict) -> list[Finding]:
     sample = view.sample
     if sample is None or not sample.stats:
         return []
-    last = _output_module(view)
-    runs: dict[str, int] = state.setdefault("runs", {})
-    since: dict[str, int] = state.setdefault("since", {})
+    last = view.output_module()
     findings = []
     for (layer, _, kind), row in sample.stats.items():
         sat = row.get("sat_frac")
         if kind != "activation" or layer == last or sat is None or sat != sat:
             continue  # sat_frac is NaN (not stored) for modules that do not saturate
-        if sat <= SATURATED_FRACTION:
-            runs[layer] = 0
-            continue
-        if not runs.get(layer):
-            since[layer] = view.step
-        runs[layer] = runs.get(layer, 0) + 1
-        if runs[layer] < SUSTAIN and (runs[layer] < 2 or view.step - since[layer] < SPAN_STEPS):
+        count, since = streak(state, layer, sat > SATURATED_FRACTION, view.step)
+        if not sustained(count, since, view.step, samples=SUSTAIN, span_steps=SPAN_STEPS):
             continue
         message = (
             f"{fmt(100 * sat)}% of the outputs of {layer!r} ({view.module_type(layer)}) are saturated "
-            f"(in the flat tails, where the gradient is under 5% of its peak), over {runs[layer]} consecutive "
-            f"samples (since step {since[layer]}); output std {fmt(row.get('std'))}"
+            f"(in the flat tails, where the gradient is under 5% of its peak), over {count} consecutive "
+            f"samples (since step {since}); output std {fmt(row.get('std'))}"
         )
-        evidence = {"sat_frac": sat, "std": row.get("std"), "since_step": since[layer]}
+        evidence = {"sat_frac": sat, "std": row.get("std"), "since_step": since}
         findings.append(view.finding(RULE_ID, message, layer=layer, evidence=evidence))
     return findings
-
-
-def _output_module(view: RunView) -> str | None:
-    """The last module (other than the root) the forward called: the output layer, not a hidden one."""
-    called = [m["name"] for m in view.modules if m["name"] and m.get("called") is not False]
-    return called[-1] if called else None
