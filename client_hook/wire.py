@@ -47,7 +47,22 @@ LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "
 HISTOGRAM_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", "lo", "hi", "counts")
 HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i = 0..HIST_BINS
 
-FRAME_KINDS: tuple[str, ...] = ("run_start", "scalars", "signals", "layer_stats", "histograms", "findings", "run_end")
+FRAME_KINDS: tuple[str, ...] = (
+    "run_start",
+    "scalars",
+    "signals",
+    "layer_stats",
+    "histograms",
+    "findings",
+    "heartbeat",
+    "run_end",
+)
+# A client sends a `heartbeat` every HEARTBEAT_S seconds while attached (its `step`
+# is the latest step, its `time` the client's clock). The server marks a `running`
+# run `crashed` when nothing of it arrived for its heartbeat timeout, and `running`
+# again if frames come back. `dropped` (on heartbeat and run_end) is the client's
+# running count of frames it had to drop, by kind or reason: the run's record of gaps.
+HEARTBEAT_S = 10.0
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")  # rising order
 FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "remedy", "evidence")
 
@@ -195,6 +210,12 @@ def _class_counts(v: Any) -> str | None:
     return None
 
 
+def _drop_counts(v: Any) -> str | None:
+    if not isinstance(v, dict) or any(_nonempty_name(k) or _count(c) for k, c in v.items()):
+        return "an object of {reason: count}"
+    return None
+
+
 def _findings(v: Any) -> str | None:
     """Findings the client made itself (preflight): stored as alerts at the frame's step."""
     if not isinstance(v, list):
@@ -262,6 +283,7 @@ _REQUIRED: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "findings": {"findings": _findings},
     "layer_stats": {"rows": _rows(LAYER_STAT_COLUMNS, _STAT_CELLS)},
     "histograms": {"rows": _rows(HISTOGRAM_COLUMNS, _HIST_CELLS)},
+    "heartbeat": {"time": _finite_number},
     "run_end": {"status": _one_of(RUN_END_STATUSES), "time": _finite_number},
 }
 _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
@@ -283,7 +305,8 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "findings": {},
     "layer_stats": {"every": _count},
     "histograms": {},
-    "run_end": {},
+    "heartbeat": {"dropped": _drop_counts},
+    "run_end": {"dropped": _drop_counts},
 }
 
 

@@ -50,6 +50,8 @@ class RunPublic(BaseModel):
     last_loss: Finite
     every: int | None
     alert_counts: AlertCounts
+    # Frames the client dropped, by kind or reason (null: none): where the record has gaps.
+    dropped: dict[str, int] | None = None
 
 
 class SeriesPublic(BaseModel):

@@ -69,6 +69,7 @@ class RunInfo:
     model: dict[str, Any]
     optimizer: dict[str, Any] | None
     config: dict[str, Any] | None
+    dropped: dict[str, int] | None = None
 
 
 @dataclass
@@ -219,6 +220,10 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
         elif kind == "run_end":
             run.status = f["status"]
             run.finished_at = f["time"]
+        if f.get("dropped"):  # heartbeat, run_end: the client's running totals
+            run.dropped = dict(f["dropped"])
+        if kind != "run_end" and run.status == "crashed":
+            run.status = "running"  # it was only silent (a long stall, a network outage)
 
         run.updated_at = now
         changed[run_id] = None
@@ -327,6 +332,7 @@ def _run_info(run: Run, project: str, alert_counts: dict[str, int]) -> RunInfo:
         model=run.model,
         optimizer=run.optimizer,
         config=run.config,
+        dropped=run.dropped,
     )
 
 

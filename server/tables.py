@@ -57,6 +57,9 @@ class Run(Base):
     model: Mapped[dict[str, Any]] = mapped_column(JSON)
     optimizer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The client's count of frames it dropped, by kind or reason (heartbeat / run_end);
+    # null when nothing was dropped: the run's record of its gaps.
+    dropped: Mapped[dict[str, int] | None] = mapped_column(JSON)
 
 
 class ReceivedFrame(Base):

@@ -129,6 +129,11 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
                     ],
                 )
             )
+            frames.append(
+                wire.frame(
+                    "heartbeat", run_id=run_id, seq=next(seq), step=steps - 1, time=1500.0, dropped={"histograms": 2}
+                )
+            )
         if end:
             frames.append(
                 wire.frame("run_end", run_id=run_id, seq=next(seq), step=steps - 1, status="finished", time=2000.0)

@@ -26,6 +26,7 @@ RUN_FIELDS = {
     "last_loss",
     "every",
     "alert_counts",
+    "dropped",
 }
 
 

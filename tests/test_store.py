@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from client_hook import wire
 from server import store
 from server.db import init_db, make_engine, make_session_factory
-from server.tables import Alert, LayerStat, ReceivedFrame, Scalar
+from server.tables import Alert, LayerStat, ReceivedFrame, Run, Scalar
 
 
 @pytest.fixture
@@ -122,6 +122,24 @@ def test_run_lifecycle_lookups_and_filters(session: Session, run_frames: Any) ->
     assert found is not None and found.id == "a"
     assert store.find_run(session, id_or_name="nope") is None
     assert store.get_run(session, run_id="nope") is None
+
+
+def test_heartbeats_keep_a_run_alive_and_carry_its_drop_counts(session: Session, run_frames: Any) -> None:
+    store.ingest_batch(session, frames=run_frames(run_id="a", steps=2, end=False), now=10.0)
+    session.get(Run, "a").status = "crashed"  # as the liveness sweep leaves a silent run
+    session.commit()
+
+    beat = wire.frame("heartbeat", run_id="a", seq=100, step=1, time=50.0, dropped={"histograms": 7})
+    store.ingest_batch(session, frames=[beat], now=60.0)
+    a = store.get_run(session, run_id="a")
+    assert a is not None
+    # Alive again, seen at 60, the gap recorded; a heartbeat is not a step.
+    assert (a.status, a.updated_at, a.dropped, a.last_step) == ("running", 60.0, {"histograms": 7}, 1)
+
+    end = wire.frame("run_end", run_id="a", seq=101, step=1, status="finished", time=70.0, dropped={"histograms": 9})
+    store.ingest_batch(session, frames=[end], now=70.0)
+    a = store.get_run(session, run_id="a")
+    assert a is not None and (a.status, a.dropped) == ("finished", {"histograms": 9})
 
 
 def test_alerts_are_listed_and_counted(session: Session, run_frames: Any) -> None:

@@ -55,7 +55,9 @@ def _broken(run_frames: Any, index: int, change: Any) -> dict[str, Any]:
         (4, lambda f: f.update(target_counts={"0": -1}), "'target_counts' must be an object of class -> non-negative"),
         (4, lambda f: f.update(nonfinite_grads="fc.weight"), "'nonfinite_grads' must be a list of names"),
         (5, lambda f: f["findings"][0].update(severity="fatal"), "finding 0 has severity 'fatal', not one of"),
-        (6, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
+        (6, lambda f: f.update(time=math.nan), "'heartbeat' frame: field 'time' must be a finite number"),
+        (6, lambda f: f.update(dropped={"histograms": -1}), "'dropped' must be an object of {reason: count}"),
+        (7, lambda f: f.update(status="done"), "'status' must be one of ['finished', 'crashed'], but got 'done'"),
     ],
 )
 def test_bad_frames_are_rejected_naming_field_and_value(
@@ -65,8 +67,9 @@ def test_bad_frames_are_rejected_naming_field_and_value(
     with pytest.raises(wire.SchemaError) as info:
         wire.validate_frame(bad)
     assert expected in str(info.value)
-    # In a batch, the error also says which frame it is.
-    frames = run_frames(steps=1, findings=True)  # run_start, scalars, stats, histograms, signals, findings, end
+    # In a batch, the error also says which frame it is (run_start, scalars, stats, histograms,
+    # signals, findings, heartbeat, end).
+    frames = run_frames(steps=1, findings=True)
     frames[index] = bad
     with pytest.raises(wire.SchemaError, match=rf"^frame {index}"):
         wire.validate_batch(wire.batch(frames))
