@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--webhook", action="append", default=[], metavar="URL", help="alert webhook; repeatable")
     serve.add_argument(
         "--token",
-        default=os.environ.get("LAYERWATCH_TOKEN"),
+        default=os.environ.get("LAYERWATCH_TOKEN") or None,  # compose passes "" when unset
         help="require this token from training clients (default: $LAYERWATCH_TOKEN)",
     )
     serve.add_argument(

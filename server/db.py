@@ -8,7 +8,9 @@ and foreign keys on. Nothing else here is specific to one database.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,28 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.close()
 
 
+def _json_text(value: Any) -> Any:
+    """`value` with each non-finite float as the string "NaN", "Infinity" or "-Infinity"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_text(v) for v in value]
+    return value
+
+
+def dump_json(value: Any) -> str:
+    """JSON columns' serializer on every backend: strict JSON, since PostgreSQL's json type
+    rejects the bare NaN/Infinity tokens Python writes. A NaN in a run's config or a
+    finding's evidence is data; it reads back as the string "NaN"."""
+    return json.dumps(_json_text(value), allow_nan=False)
+
+
 def make_engine(db_url: str) -> Engine:
     """An engine for `db_url`; for a SQLite file, its folder is created if missing."""
     url = make_url(db_url)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"json_serializer": dump_json}
     if url.get_backend_name() == "sqlite":
         # Sessions are used from the threadpool that runs sync routes and ingest.
         kwargs["connect_args"] = {"check_same_thread": False}

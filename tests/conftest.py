@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from client_hook import wire
 from server.main import create_app
 from server.settings import Settings
+from tests.postgres import PostgresServer
 
 # Listed out of alphabetical order on purpose: the server must keep the model's (forward) order.
 MODEL = {
@@ -146,6 +147,23 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/t.db"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (tests/postgres.py)."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database on each backend in turn: a module that says `db_url = any_db_url`-style
+    (see test_store.py) runs every test on SQLite and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/t.db"
+    return request.getfixturevalue("postgres").new_database()
 
 
 @pytest.fixture

@@ -4,13 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The browser tests drive Debian's Chromium (never a browser download).
-if ! command -v chromium >/dev/null 2>&1; then
+# The browser tests drive Debian's Chromium (never a browser download); the
+# store, ingest and API tests also run on a real PostgreSQL server (Debian's).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "tests/run.sh: the browser tests need Chromium: run 'sudo apt-get install -y chromium' first" >&2
+    echo "tests/run.sh: the tests need ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}' first" >&2
     exit 1
   fi
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

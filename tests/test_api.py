@@ -1,4 +1,5 @@
-"""The REST API and the static files: shapes, forward order, 404s and 422s that name the bad value."""
+"""The REST API (on SQLite and PostgreSQL) and the static files: shapes, forward order,
+404s and 422s that name the bad value."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ RUN_FIELDS = {
     "alert_counts",
     "dropped",
 }
+
+
+@pytest.fixture
+def db_url(any_db_url: str) -> str:
+    return any_db_url  # every test here runs on SQLite and on a real PostgreSQL
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""/ws/ingest through a real app on a SQLite file: ack after store, idempotent replays,
+"""/ws/ingest through a real app on a SQLite file and on PostgreSQL: ack after store, idempotent replays,
 bad messages closing only their own connection, tokens, and NaN as data."""
 
 from __future__ import annotations
@@ -13,6 +13,11 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from client_hook import wire
+
+
+@pytest.fixture
+def db_url(any_db_url: str) -> str:
+    return any_db_url  # every test here runs on SQLite and on a real PostgreSQL
 
 
 def send(ws: Any, frames: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
+from sqlalchemy.engine import make_url
 
 from server.cli import build_parser
 from tests.serving import free_port, wait_until_up
@@ -95,6 +97,33 @@ def test_compose_runs_the_server_on_a_volume_with_the_dockerfile_command() -> No
     for package in ("client_hook", "server", "web"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert f'VOLUME ["{mount}"]' in dockerfile
+
+
+def test_compose_postgres_profile_points_the_server_at_its_database() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    server, db = compose["services"]["server-pg"], compose["services"]["db"]
+    assert server["profiles"] == db["profiles"] == ["postgres"]
+    assert server["image"] == compose["services"]["server"]["image"]
+    args = build_parser().parse_args(server["command"][1:])
+    url = make_url(args.db)
+    env = db["environment"]
+    # The server's URL names the db service and the credentials it is created with.
+    assert (url.drivername, url.host, url.port) == ("postgresql+psycopg", "db", 5432)
+    credentials = (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"])
+    assert (url.username, url.password, url.database) == credentials
+    assert server["depends_on"]["db"]["condition"] == "service_healthy"
+    assert server["ports"] == [f"{args.port}:{args.port}"]
+    assert f"{args.port}/api/health" in " ".join(server["healthcheck"]["test"])
+    volume = db["volumes"][0].split(":")[0]
+    assert volume in compose["volumes"]
+    # The image has the driver that URL needs.
+    assert "psycopg[binary]" in (ROOT / "Dockerfile").read_text()
+
+
+def test_compose_leaves_the_token_unset_when_the_environment_does(monkeypatch: Any) -> None:
+    """Compose passes LAYERWATCH_TOKEN="" when it is not set: that means no token, not a bad one."""
+    monkeypatch.setenv("LAYERWATCH_TOKEN", "")
+    assert build_parser().parse_args(["serve"]).token is None  # the parser reads the environment when built
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:

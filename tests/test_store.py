@@ -1,4 +1,5 @@
-"""server.store directly on a SQLite file: WAL on, idempotent batches, binary histograms, run lookups."""
+"""server.store directly, on a SQLite file and on a real PostgreSQL: idempotent batches, binary
+histograms, run lookups, NaN where it is data; WAL mode on SQLite."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from server.tables import Alert, LayerStat, ReceivedFrame, Run, Scalar
 
 
 @pytest.fixture
-def session(db_url: str) -> Iterator[Session]:
+def db_url(any_db_url: str) -> str:
+    return any_db_url  # every test here runs on SQLite and on PostgreSQL
+
+
+def _session(db_url: str) -> Iterator[Session]:
     engine = make_engine(db_url)
     init_db(engine)
     with make_session_factory(engine)() as session:
@@ -25,9 +30,15 @@ def session(db_url: str) -> Iterator[Session]:
     engine.dispose()
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(session: Session) -> None:
-    assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-    assert session.execute(text("PRAGMA foreign_keys")).scalar() == 1
+@pytest.fixture
+def session(db_url: str) -> Iterator[Session]:
+    yield from _session(db_url)
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Any) -> None:
+    for session in _session(f"sqlite:///{tmp_path}/wal.db"):
+        assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert session.execute(text("PRAGMA foreign_keys")).scalar() == 1
     assert session.execute(text("PRAGMA busy_timeout")).scalar() == 10000
 
 
@@ -167,3 +178,22 @@ def test_alerts_are_listed_and_counted(session: Session, run_frames: Any) -> Non
     alerts = store.list_alerts(session, run_id="run-1")
     assert [a.rule for a in alerts] == ["lr_high", "nan_loss", "dead_relu"]  # by first step
     assert alerts[2].layer == "act" and alerts[2].evidence == {"ratio": 0.5}
+
+
+def test_nan_and_infinity_are_stored_where_they_are_data(session: Session, run_frames: Any) -> None:
+    """A NaN loss, a NaN in the run's config and an Inf in a finding's evidence are data: the
+    batch is stored on both backends (PostgreSQL's JSON type rejects a bare NaN token)."""
+    frames = run_frames(run_id="n", steps=2, findings=True)
+    frames[0]["config"] = {"lr": math.nan, "clip": math.inf, "name": "x"}
+    frames[1]["values"]["loss"] = math.nan
+    frames[-3]["findings"][0]["evidence"] = {"loss": math.inf}
+    store.ingest_batch(session, frames=frames)
+
+    run = store.get_run(session, run_id="n")
+    assert run is not None and run.config == {"lr": "NaN", "clip": "Infinity", "name": "x"}
+    steps, values = store.scalar_series(session, run_id="n", key="loss")
+    assert steps == [0, 1]
+    assert values[0] is None or math.isnan(values[0])  # not a number, whatever the backend
+    assert values[1] == 1.0
+    [alert] = store.list_alerts(session, run_id="n")
+    assert (alert.rule, alert.evidence) == ("loss_at_init", {"loss": "Infinity"})
