@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -74,9 +74,36 @@ def make_engine(db_url: str) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create the tables that do not exist yet."""
+    """Create the tables that do not exist yet, and add the nullable columns a newer
+    version added to tables a database from an older version already has."""
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     log.info("database ready at %s", engine.url.render_as_string(hide_password=True))
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column the models have and the database lacks.
+
+    Only nullable columns are ever added (old rows read them as NULL), which is
+    how this schema grows: a column is never renamed or retyped."""
+    existing = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(
+                        f"the database at {engine.url.render_as_string(hide_password=True)} lacks the column "
+                        f"{table.name}.{column.name}, which cannot be added to existing rows: use a new database"
+                    )
+                kind = column.type.compile(dialect=engine.dialect)
+                preparer = engine.dialect.identifier_preparer
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {preparer.quote(column.name)} {kind}"
+                )
+                log.info("added column %s.%s to the database", table.name, column.name)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -197,3 +197,26 @@ def test_nan_and_infinity_are_stored_where_they_are_data(session: Session, run_f
     assert values[1] == 1.0
     [alert] = store.list_alerts(session, run_id="n")
     assert (alert.rule, alert.evidence) == ("loss_at_init", {"loss": "Infinity"})
+
+
+def test_a_database_from_an_older_version_gains_the_new_columns_and_keeps_its_rows(
+    db_url: str, run_frames: Any
+) -> None:
+    engine = make_engine(db_url)
+    init_db(engine)
+    with make_session_factory(engine)() as session:
+        store.ingest_batch(session, frames=run_frames(run_id="old", steps=2))
+    with engine.begin() as connection:  # as a database written before runs.dropped existed
+        connection.execute(text("ALTER TABLE runs DROP COLUMN dropped"))
+    engine.dispose()
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    with make_session_factory(engine)() as session:
+        run = store.get_run(session, run_id="old")
+        assert run is not None and (run.last_step, run.status, run.dropped) == (1, "finished", None)
+        beat = wire.frame("heartbeat", run_id="old", seq=99, step=1, time=5.0, dropped={"histograms": 1})
+        store.ingest_batch(session, frames=[beat])
+        run = store.get_run(session, run_id="old")
+        assert run is not None and run.dropped == {"histograms": 1}
+    engine.dispose()
