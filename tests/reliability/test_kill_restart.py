@@ -14,13 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-import pytest
-
 from client_hook import monitor
-from tests.reliability.ledger import ledger_gaps, received_seqs, rows_per_step, scalar_steps
+from tests.reliability.checks import assert_stored_once
+from tests.reliability.ledger import received_seqs
 from tests.reliability.servers import ServerProcess
-from tests.reliability.training import PROBE, TinyTraining
+from tests.reliability.training import TinyTraining
 
 STEPS = 150
 FIRST_KILL, RESTART = 50, 90  # steps: the outage in between leaves the client a backlog
@@ -71,24 +69,6 @@ def test_sigkill_and_restart_mid_run_stores_every_step_once(tmp_path: Path) -> N
         assert second_kill.is_set() and server.starts == 3
         assert mon.status()["dropped"] == {}
 
-        # Over REST, from the third server process.
-        run = httpx.get(f"{server.url}/api/runs/{mon.run_id}").json()
-        assert (run["status"], run["last_step"]) == ("finished", STEPS - 1)
-        loss_series = httpx.get(f"{server.url}/api/runs/{mon.run_id}/scalars", params={"key": "loss"}).json()
-        assert loss_series["steps"] == list(range(STEPS))
-        assert loss_series["values"] == pytest.approx(losses, rel=1e-6)
-        probe = httpx.get(f"{server.url}/api/runs/{mon.run_id}/layer_stats", params=PROBE).json()
-        assert probe["steps"] == list(range(STEPS))
-
-        # Straight from the SQLite file.
-        seqs = received_seqs(db, mon.run_id)
-        assert ledger_gaps(seqs) == ([], [])
-        # run_end is the run's last frame: stored, so with no gaps below it every frame is.
-        assert run["status"] == "finished" and len(seqs) == seqs[-1] + 1
-        assert scalar_steps(db, mon.run_id, "loss") == list(range(STEPS))
-        stats = rows_per_step(db, "layer_stats", mon.run_id)
-        assert sorted(stats) == list(range(STEPS))
-        assert len(set(stats.values())) == 1  # every step has every series, once (the table's key)
-        assert sorted(rows_per_step(db, "histograms", mon.run_id)) == list(range(STEPS))
+        assert_stored_once(server.url, db, mon.run_id, losses)  # read from the third server process
     finally:
         server.stop()
