@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import signal
 import sys
 
 from server.diagnosis import cli as diagnosis_cli
+
+# On SIGTERM, how long the server waits for batches in flight to commit before it cuts them
+# off (a 16 MB batch commits in a few seconds on a slow disk; its client replays it anyway).
+SHUTDOWN_GRACE_S = 10
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from client_hook import wire
+    from server.auth import exposure_warning
     from server.main import create_app
     from server.settings import Settings
 
@@ -30,14 +38,27 @@ def _serve(args: argparse.Namespace) -> int:
             webhook_retry_for_s=args.webhook_retry_for,
             webhook_rate_limit=args.webhook_rate,
             public_url=args.public_url,
+            heartbeat_timeout_s=args.heartbeat_timeout,
         )
     except ValueError as exc:
         print(f"layerwatch serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = exposure_warning(settings.host, settings.port, settings.token)
+    if warning:
+        print(f"layerwatch serve: {warning}", file=sys.stderr, flush=True)
+    if settings.heartbeat_timeout_s < wire.HEARTBEAT_S:
+        print(
+            f"layerwatch serve: note: --heartbeat-timeout {settings.heartbeat_timeout_s:g} is shorter than the "
+            f"clients' heartbeat interval ({wire.HEARTBEAT_S:g} s): runs that are quiet but alive will flip to "
+            "crashed and back",
+            file=sys.stderr,
+            flush=True,
+        )
     app = create_app(settings)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"layerwatch dashboard: http://{shown_host}:{settings.port}/  (database {settings.db_url})", flush=True)
+    _exit_zero_after_sigterm()
     uvicorn.run(
         app,
         host=settings.host,
@@ -46,8 +67,21 @@ def _serve(args: argparse.Namespace) -> int:
         # Above our own limit, so an oversize batch gets ingest's error message
         # rather than a bare protocol close.
         ws_max_size=settings.max_message_bytes + 1024 * 1024,
+        # On SIGTERM/Ctrl-C uvicorn stops accepting, closes the websockets (code 1012) and
+        # waits this long for the handlers still committing a batch; then the lifespan ends.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0
+
+
+def _exit_zero_after_sigterm() -> None:
+    """Make a SIGTERM'd server exit 0 once uvicorn's graceful shutdown is done.
+
+    uvicorn catches SIGTERM, shuts down, then raises the signal again with the handler that was
+    installed before it started, so that the default handler kills the process (exit -15). A
+    stop asked for is not a failure: with this no-op handler in place, `serve` returns 0 instead.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -78,6 +112,17 @@ def _webhook_test(args: argparse.Namespace) -> int:
     return 1
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds, or argparse's error naming the bad value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, but got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, but got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerwatch", description="A live training monitor for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token",
         default=os.environ.get("LAYERWATCH_TOKEN") or None,  # compose passes "" when unset
-        help="require this token from training clients (default: $LAYERWATCH_TOKEN)",
+        help="require this access token from training clients, the dashboard and REST (default: $LAYERWATCH_TOKEN)",
+    )
+    serve.add_argument(
+        "--heartbeat-timeout",
+        type=_seconds,
+        default=os.environ.get("LAYERWATCH_HEARTBEAT_TIMEOUT", "60"),
+        metavar="SECONDS",
+        help="mark a running run crashed after this long without a frame from it (default %(default)s)",
     )
     serve.add_argument(
         "--webhook-min-severity",

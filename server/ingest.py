@@ -10,7 +10,6 @@ other connections go on.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from client_hook import wire
-from server import store
+from server import auth, store
 from server.diagnosis.engine import Engine
 from server.live import LiveHub, alert_event, ingest_events
 from server.settings import Settings
@@ -45,11 +44,7 @@ class BadMessage(Exception):
 
 
 def _authorized(websocket: WebSocket, token: str | None) -> bool:
-    if token is None:
-        return True
-    header = websocket.headers.get("authorization", "")
-    offered = header[len("Bearer ") :] if header.startswith("Bearer ") else websocket.query_params.get("token", "")
-    return hmac.compare_digest(offered.encode(), token.encode())
+    return auth.websocket_token_problem(websocket, token) is None
 
 
 def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:

@@ -9,7 +9,9 @@ re-read over REST) instead of slowing ingest down. Events are JSON objects:
     {"type": "layer_stats", "run_id": ..., "steps": [...]}
     {"type": "alert", "run_id": ..., "alert": AlertPublic}
 
-with NaN and ±Infinity sent as null.
+with NaN and ±Infinity sent as null. A server with a token wants it here as
+`?token=` (browsers cannot set websocket headers) or as a Bearer header; without
+it the socket is closed with auth.CLOSE_UNAUTHORIZED and the reason.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from server import store
+from server import auth, store
 from server.schemas import AlertPublic, RunPublic, json_safe
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,18 @@ class LiveHub:
 
 def ingest_events(result: store.IngestResult, runs: list[store.RunInfo]) -> list[dict[str, Any]]:
     """The live events that announce one committed batch."""
-    events: list[dict[str, Any]] = [
-        {"type": "run", "run": RunPublic.model_validate(run).model_dump(mode="json")} for run in runs
-    ]
+    events: list[dict[str, Any]] = [run_event(run) for run in runs]
     for (run_id, key), (steps, values) in result.scalar_points.items():
         events.append({"type": "scalars", "run_id": run_id, "key": key, "steps": steps, "values": values})
     for run_id, steps in result.stat_steps.items():
         events.append({"type": "layer_stats", "run_id": run_id, "steps": steps})
     events += [alert_event(alert) for alert, _ in result.alerts]
     return events
+
+
+def run_event(run: store.RunInfo) -> dict[str, Any]:
+    """The live event for a run that changed: new, advanced, ended, crashed or revived."""
+    return {"type": "run", "run": RunPublic.model_validate(run).model_dump(mode="json")}
 
 
 def alert_event(alert: store.AlertInfo) -> dict[str, Any]:
@@ -114,6 +119,14 @@ def alert_event(alert: store.AlertInfo) -> dict[str, Any]:
 @router.websocket("/ws/live")
 async def live(websocket: WebSocket) -> None:
     hub: LiveHub = websocket.app.state.hub
+    problem = auth.websocket_token_problem(websocket, websocket.app.state.settings.token)
+    if problem is not None:
+        # Accepted first, then closed: a browser sees a refused handshake only as code 1006,
+        # but it does see this close code and reason, and can ask for a token.
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await websocket.accept()
+            await websocket.close(code=auth.CLOSE_UNAUTHORIZED, reason=problem[:120])
+        return
     # Subscribed before the handshake completes, so no event after it is missed.
     queue = hub.subscribe()
     sender: asyncio.Task[None] | None = None

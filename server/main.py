@@ -1,4 +1,5 @@
-"""Assembles the server: `create_app(settings)` wires storage, routers, the live hub and the webhook worker."""
+"""Assembles the server: `create_app(settings)` wires storage, routers, access tokens, the live hub,
+the webhook worker and the crashed-run sweeper."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from server import __version__, ingest, live
+from server import __version__, auth, ingest, live
 from server.db import init_db, make_engine, make_session_factory
+from server.liveness import Sweeper
 from server.routes import runs, web, webhooks
 from server.settings import Settings
 from server.webhooks import store as webhook_store
@@ -30,11 +32,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             session, urls=settings.webhooks, min_severity=settings.webhook_min_severity, now=time.time()
         )
     worker = WebhookWorker(sessions=sessions, settings=settings, write_lock=ingest.WRITE_LOCK)
+    hub = live.LiveHub()
+    sweeper = Sweeper(sessions=sessions, hub=hub, write_lock=ingest.WRITE_LOCK, timeout_s=settings.heartbeat_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker.start()
+        await sweeper.start()
         yield
+        # By now uvicorn has closed the sockets and waited for the batches in flight to commit.
+        await sweeper.stop()
         await worker.stop()
         engine.dispose()  # close pooled connections so SQLite checkpoints its WAL
 
@@ -45,11 +52,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.webhooks = worker
-    app.state.hub = live.LiveHub()
+    app.state.hub = hub
+    app.state.liveness = sweeper
 
-    app.include_router(runs.router)
-    app.include_router(webhooks.router)
+    # With a token set, everything under /api wants it (auth.OPEN_PATHS excepted); the
+    # websockets check it themselves, and the dashboard's files stay open so it can ask.
+    token_required = [Depends(auth.require_token)]
+    app.include_router(runs.router, dependencies=token_required)
+    app.include_router(webhooks.router, dependencies=token_required)
     app.include_router(ingest.router)
     app.include_router(live.router)
     app.include_router(web.router)
+    if settings.token is not None:
+        app.add_middleware(auth.HealthSaysAuth)
     return app

@@ -6,6 +6,7 @@ request that happens to need it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -53,6 +54,9 @@ class Settings:
     # Where the dashboard is reached from outside, for the links in webhooks
     # (default http://{host}:{port}).
     public_url: str | None = None
+    # A `running` run nothing arrived from for this long is marked `crashed` (clients send a
+    # heartbeat every wire.HEARTBEAT_S seconds while attached; any later frame revives it).
+    heartbeat_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -92,6 +96,10 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, but got {value!r}")
+        timeout = self.heartbeat_timeout_s
+        # Finite too: an infinite timeout would never mark a run crashed (and NaN never compares).
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
+            raise ValueError(f"heartbeat_timeout_s must be a positive, finite number of seconds, but got {timeout!r}")
         if (
             not isinstance(self.webhook_rate_limit, int)
             or isinstance(self.webhook_rate_limit, bool)
