@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -27,8 +27,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(db_path: Path, port: int | None = None) -> Iterator[str]:
-    """Run `python -m server serve` on loopback with SQLite at `db_path`; yield its base URL.
+def serve(db_path: Path, port: int | None = None, args: Sequence[str] = ()) -> Iterator[str]:
+    """Run `python -m server serve [args]` on loopback with SQLite at `db_path`; yield its base URL.
 
     The server's output goes to a log file beside the database, quoted in the
     error if it does not come up. The process is always terminated on exit.
@@ -39,7 +39,7 @@ def serve(db_path: Path, port: int | None = None) -> Iterator[str]:
     command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [*command, "--db", f"sqlite:///{db_path}"],
+            [*command, "--db", f"sqlite:///{db_path}", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -152,7 +152,8 @@ def test_a_token_is_required_when_configured(make_client: Any, run_frames: Any) 
         assert send(ws, frames[:2])["kind"] == "ack"
     with client.websocket_connect("/ws/ingest?token=s3cret") as ws:
         assert send(ws, frames[2:])["kind"] == "ack"
-    assert client.get("/api/runs/run-1").json()["status"] == "finished"
+    # REST wants the token too on such a server (tests/test_auth.py).
+    assert client.get("/api/runs/run-1", headers={"Authorization": "Bearer s3cret"}).json()["status"] == "finished"
 
 
 def test_a_nan_loss_is_stored_and_served_as_null(client: TestClient, run_frames: Any) -> None:
