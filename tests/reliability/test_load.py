@@ -1,0 +1,69 @@
+"""Load: 50 concurrent clients x 1000 steps into one real `layerwatch serve`; nothing lost or duplicated.
+
+Each client is the real `client_hook.sender.Sender` (its own thread, websocket,
+per-run seqs, batching and ack bookkeeping) fed the frames of a synthetic
+training (tests/reliability/frames.py): run_start, then per step scalars,
+signals and layer_stats, then run_end. The frames are made in the sender
+threads, as the monitor's samples are. Afterwards the SQLite file must hold,
+for every run, each step 0..999 once and every seq in the ledger once.
+bench/load.py measures the same traffic's throughput and ack latency.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from client_hook.sender import Frame, Sender
+from tests.reliability import frames
+from tests.reliability.ledger import count, ledger_gaps, received_seqs, rows_per_step, run_ids, scalar_steps
+from tests.reliability.servers import ServerProcess
+
+CLIENTS = 50
+STEPS = 1000
+LAYERS = 4  # 12 layer-stat rows a step: the test checks delivery; bench/load.py uses 10 layers for figures
+CLOSE_TIMEOUT_S = 80.0  # the whole delivery must fit in the test's ~90 s
+
+
+class StepItem:
+    """One step of the synthetic training; its frames are built in the sender thread."""
+
+    def __init__(self, step: int, rng: random.Random) -> None:
+        self.step, self.rng = step, rng
+
+    def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
+        fields = frames.step_fields(self.step, layers=LAYERS, rng=self.rng, time=time.time())
+        return [(kind, self.step, f) for kind, f in fields]
+
+
+def test_fifty_clients_a_thousand_steps_each_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "load.db"
+    with ServerProcess(db) as server:
+        senders = []
+        for client in range(CLIENTS):
+            sender = Sender(server=server.url, run_id=f"load-{client:02d}", max_queue=STEPS + 10)
+            sender.submit(Frame("run_start", 0, **frames.run_start_fields(name=f"c{client}", layers=LAYERS, time=1.0)))
+            senders.append(sender)
+        for sender in senders:  # all queued up front: 50 clients sending as fast as the server acks
+            rng = random.Random(sender.run_id)
+            for step in range(STEPS):
+                assert sender.submit(StepItem(step, rng))
+            sender.submit(Frame("run_end", STEPS - 1, status="finished", time=2.0))
+
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        left = {s.run_id: s.close(max(0.0, deadline - time.monotonic())) for s in senders}
+        assert left == {s.run_id: 0 for s in senders}
+        assert all(s.dropped == {} for s in senders)
+
+    frames_per_run = 1 + 3 * STEPS + 1  # run_start, 3 a step, run_end
+    assert run_ids(db) == {s.run_id for s in senders}
+    for sender in senders:
+        seqs = received_seqs(db, sender.run_id)
+        assert ledger_gaps(seqs) == ([], []), sender.run_id
+        assert len(seqs) == frames_per_run, sender.run_id
+        assert scalar_steps(db, sender.run_id, "loss") == list(range(STEPS))
+        assert rows_per_step(db, "layer_stats", sender.run_id) == dict.fromkeys(range(STEPS), 3 * LAYERS)
+        assert sorted(rows_per_step(db, "step_signals", sender.run_id)) == list(range(STEPS))
+    assert count(db, "received_frames") == CLIENTS * frames_per_run
