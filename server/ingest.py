@@ -143,15 +143,22 @@ async def ingest(websocket: WebSocket) -> None:
             log.exception("storing a batch from %s failed", websocket.client)
             await _reject(websocket, f"the server could not store this batch: {exc}", status.WS_1011_INTERNAL_ERROR)
             return
-        for alert, change in result.alerts:
-            # Back to the training process, which logs it once and calls on_alert. Findings
-            # the client made itself (preflight) are not echoed.
-            if change in (store.ALERT_NEW, store.ALERT_ESCALATED) and alert.run_id in result.acked:
-                if (alert.evidence or {}).get("source") != "preflight":
-                    public = alert_event(alert)["alert"]
-                    await websocket.send_json({"kind": "alert", "alert": {**public, "run_id": alert.run_id}})
-        # After the alerts: the client reads up to the ack, so it sees them before it sends on
-        # (and, at close, before it hangs up). Everything was committed before either.
-        await websocket.send_json(wire.ack(result.acked))
-        log.debug("stored %d frames, %d replayed", result.stored_frames, result.replayed_frames)
+        # Committed: dashboards hear of it whether or not its client is still there to be acked.
         hub.publish(ingest_events(result, runs))
+        try:
+            for alert, change in result.alerts:
+                # Back to the training process, which logs it once and calls on_alert. Findings
+                # the client made itself (preflight) are not echoed.
+                if change in (store.ALERT_NEW, store.ALERT_ESCALATED) and alert.run_id in result.acked:
+                    if (alert.evidence or {}).get("source") != "preflight":
+                        public = alert_event(alert)["alert"]
+                        await websocket.send_json({"kind": "alert", "alert": {**public, "run_id": alert.run_id}})
+            # After the alerts: the client reads up to the ack, so it sees them before it sends on
+            # (and, at close, before it hangs up). Everything was committed before either.
+            await websocket.send_json(wire.ack(result.acked))
+        except WebSocketDisconnect:
+            # The client left, or the server is stopping (SIGTERM closes every socket with 1012 and
+            # lets the commit in flight finish): no ack, so the client replays it, and is stored once.
+            log.info("ingest connection from %s closed before its ack; that batch is stored", websocket.client)
+            return
+        log.debug("stored %d frames, %d replayed", result.stored_frames, result.replayed_frames)
