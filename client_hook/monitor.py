@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from client_hook import __version__
+from client_hook import __version__, wire
 from client_hook.collector import Collector, Sample
 from client_hook.model_info import describe_model, describe_optimizer, group_lrs
 from client_hook.preflight import preflight  # noqa: F401  (public: monitor.preflight)
 from client_hook.sampling import DEFAULT_OVERHEAD, Schedule
-from client_hook.sender import Frame, Sender
+from client_hook.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
 from client_hook.signals import target_counts
 from client_hook.tensors import HostCopy
 
@@ -57,11 +57,21 @@ def attach(
     on_alert: Callable[[dict[str, Any]], None] | None = None,
     overhead: float = DEFAULT_OVERHEAD,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+    spool_dir: str | os.PathLike[str] | None = None,
+    spool_max_bytes: int = DEFAULT_SPOOL_BYTES,
+    max_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    heartbeat_s: float = wire.HEARTBEAT_S,
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`'s steps); returns at once.
 
     Attaching again to the same model closes the earlier monitor first, so hooks
     never double up. Bad arguments raise ValueError/TypeError naming the value.
+
+    While the server is away, frames wait in memory (up to `max_memory_bytes` of
+    encoded JSON), then in `<spool_dir>/<run id>/` on disk (default
+    $LAYERWATCH_SPOOL_DIR or `<temp dir>/layerwatch-spool`; at most
+    `spool_max_bytes`, 0 for no spool), oldest histograms dropped first when full.
+    A heartbeat goes to the server every `heartbeat_s` seconds.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
@@ -77,6 +87,9 @@ def attach(
         raise ValueError(f"run must be a non-empty string or None, but got {run!r}")
     if on_alert is not None and not callable(on_alert):
         raise TypeError(f"on_alert must be callable, but got {on_alert!r}")
+    if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
+        raise TypeError(f"spool_dir must be a path or None, but got {spool_dir!r}")
+    check_limits(spool_max_bytes=spool_max_bytes, max_memory_bytes=max_memory_bytes, heartbeat_s=heartbeat_s)
     previous = _attached.get(model)
     if previous is not None:
         previous.close()
@@ -90,6 +103,12 @@ def attach(
         schedule=Schedule(every, overhead),
         on_alert=on_alert,
         close_timeout=close_timeout,
+        sender_limits={
+            "spool_dir": spool_dir,
+            "spool_max_bytes": spool_max_bytes,
+            "max_memory_bytes": max_memory_bytes,
+            "heartbeat_s": heartbeat_s,
+        },
     )
     _attached[model] = mon
     return mon
@@ -110,6 +129,7 @@ class Monitor:
         schedule: Schedule,
         on_alert: Callable[[dict[str, Any]], None] | None,
         close_timeout: float,
+        sender_limits: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.run, self.project, self.server = run, project, server
@@ -120,7 +140,9 @@ class Monitor:
         self._warned: set[str] = set()
         self._last_step: int | None = None  # the step the latest loss was logged at
         self._loss_after_step: bool | None = None  # does the user log after opt.step()?
-        self._sender = Sender(server=server, run_id=self.run_id, token=token, on_alert=on_alert)
+        self._sender = Sender(
+            server=server, run_id=self.run_id, token=token, on_alert=on_alert, **(sender_limits or {})
+        )
         self._collector = Collector(
             model, optimizer, schedule=schedule, emit=self._emit_sample, on_forward_order=self._start
         )

@@ -5,10 +5,17 @@ The training thread only ever calls `Sender.submit`: a length check and a
 every BATCH_WINDOW_S), so the training thread never waits on this one. This
 thread turns queued items into wire frames (resolving the sample's single
 device-to-host copy here, off the training thread), numbers them (per-run
-`seq` from 0), sends them in batches over one websocket and keeps
-every frame until the server acknowledges it, so a reconnect replays exactly
-what was not committed. The server being absent, refusing or slow never
-reaches the training thread; the cost is memory, bounded by `max_pending`.
+`seq` from 0), encodes each once, sends them in batches over one websocket and
+keeps every frame until the server acknowledges it, so a reconnect replays
+exactly what was not committed.
+
+While the server is away frames pile up: in memory up to `max_memory_bytes`
+(their encoded size) and `max_pending` frames, then the oldest go to a bounded
+on-disk spool (client_hook/spool.py), replayed first, in seq order, once the
+server is back. Past the spool's cap the oldest histograms go first, the loss
+last; every frame dropped is counted in `dropped` and reported to the server on
+heartbeats and on run_end. The server being absent, refusing or slow never
+reaches the training thread.
 """
 
 from __future__ import annotations
@@ -20,19 +27,25 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from client_hook import wire
+from client_hook.spool import DROP_ORDER, Entry, Spool, default_spool_dir, encode
 
 log = logging.getLogger("layerwatch")
 
 BATCH_MAX_FRAMES = 256  # frames per websocket message: one server transaction each
+BATCH_MAX_BYTES = wire.MAX_MESSAGE_BYTES // 4  # well under the server's message limit
 BATCH_WINDOW_S = 0.05  # gather frames this long before sending, unless a batch is full
 ACK_TIMEOUT_S = 10.0  # no ack by then: the connection is treated as broken and replayed
+RECV_POLL_S = 0.25  # waiting for an ack, look this often whether close() gave up on us
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.25, 5.0
-# Kinds dropped first when the pending buffer is full; loss and run frames are kept last.
-DROP_ORDER = ("histograms", "layer_stats", "scalars")
+DEFAULT_MEMORY_BYTES = 64 * 2**20  # encoded frames held in memory before the oldest go to disk
+DEFAULT_SPOOL_BYTES = 512 * 2**20  # on-disk cap per run; 0 disables the spool
+DROPS_REPORT_MIN_S = 1.0  # a changed drop count is reported by a heartbeat at most this often
+ABANDON_WAIT_S = 2.5  # after close()'s timeout: time to move memory to the spool (covers a 2 s connect)
 
 
 class Item(Protocol):
@@ -64,6 +77,23 @@ def ingest_url(server: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/ingest", "", ""))
 
 
+def check_limits(**limits: Any) -> None:
+    """ValueError naming the bad value for any of the Sender's size and time limits given."""
+    for name, value in limits.items():
+        if name == "heartbeat_s":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"heartbeat_s must be a positive number of seconds, but got {value!r}")
+            continue
+        low = 0 if name == "spool_max_bytes" else 1  # 0 bytes of spool: no spool
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, but got {value!r}")
+
+
+def envelope(entries: list[Entry]) -> str:
+    """`json.dumps(wire.batch(frames))` built from frames already encoded: no second encoding."""
+    return f'{{"protocol": {wire.PROTOCOL_VERSION}, "frames": [{", ".join(e.text for e in entries)}]}}'
+
+
 class Sender:
     """A daemon thread that delivers one run's frames, at least once, in order."""
 
@@ -76,7 +106,18 @@ class Sender:
         on_alert: Callable[[dict[str, Any]], None] | None = None,
         max_queue: int = 10_000,
         max_pending: int = 100_000,
+        max_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        spool_dir: str | Path | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_BYTES,
+        heartbeat_s: float = wire.HEARTBEAT_S,
     ) -> None:
+        check_limits(
+            max_queue=max_queue,
+            max_pending=max_pending,
+            max_memory_bytes=max_memory_bytes,
+            spool_max_bytes=spool_max_bytes,
+            heartbeat_s=heartbeat_s,
+        )
         self.url = ingest_url(server)
         self.run_id = run_id
         self._token = token
@@ -84,11 +125,22 @@ class Sender:
         self._queue: deque[Item] = deque()
         self._max_queue = max_queue
         self._max_pending = max_pending
+        self._max_memory_bytes = max_memory_bytes
         self._seq = itertools.count()
-        self._pending: OrderedDict[int, dict[str, Any]] = OrderedDict()  # seq -> frame, until acked
-        self._run_start: dict[str, Any] | None = None  # re-sent first on every connection
+        self._pending: OrderedDict[int, Entry] = OrderedDict()  # seq -> encoded frame, in memory until acked
+        self._pending_bytes = 0
+        self.spool_path = Path(spool_dir if spool_dir is not None else default_spool_dir()) / run_id
+        self._spool = Spool(self.spool_path, spool_max_bytes, self._count_drops) if spool_max_bytes else None
+        self._run_start: Entry | None = None  # re-sent first on every connection
+        self._latest_step = 0
+        self._heartbeat_s = float(heartbeat_s)
+        self._next_heartbeat = time.monotonic() + self._heartbeat_s
+        self._drops_reported: dict[str, int] = {}  # what the latest heartbeat or run_end said
+        self._drops_reported_at = 0.0
         self._ws: Any = None
         self._closing = threading.Event()
+        self._abandon = threading.Event()  # close() stopped waiting: keep what is left on disk and stop
+        self._left: tuple[int, tuple[int, int] | None, bool] | None = None  # set by the thread when abandoning
         self._lock = threading.Lock()  # guards the counters read by close() and status()
         self.acked = 0
         self.dropped: dict[str, int] = {}
@@ -109,19 +161,36 @@ class Sender:
         return True
 
     def close(self, timeout: float) -> int:
-        """Deliver what is queued, waiting at most `timeout` s; return frames left undelivered."""
+        """Deliver everything (memory and spool), waiting at most `timeout` s; return frames left undelivered.
+
+        Frames still undelivered then are written to the spool (as far as its cap
+        allows) and stay there; one warning says how many, which steps, and where.
+        """
         self._closing.set()
         self._thread.join(timeout)
-        left = len(self._queue) + len(self._pending)
+        if self._thread.is_alive():
+            self._abandon.set()
+            self._thread.join(ABANDON_WAIT_S)
+        if self._left is not None:
+            left, steps, on_disk = self._left
+        else:  # the thread is stuck (a hanging connect): what it holds, read without it
+            entries = _snapshot(self._pending)
+            spooled = self._spool.frames if self._spool is not None else 0
+            left = len(self._queue) + len(entries) + spooled
+            spool_steps = self._spool.steps() if self._spool is not None and spooled else None
+            all_steps = [e.step for e in entries] + (list(spool_steps) if spool_steps else [])
+            steps = (min(all_steps), max(all_steps)) if all_steps else None
+            on_disk = bool(spooled)
         if left:
-            steps = [f["step"] for f in self._pending.values()]
-            where = f" (steps {min(steps)}..{max(steps)})" if steps else ""
+            where = f" (steps {steps[0]}..{steps[1]})" if steps else ""
+            fate = f"they stay in the spool directory at {self.spool_path}" if on_disk else "they are lost"
             log.warning(
-                "layerwatch: %d frame(s)%s not acknowledged by %s within %.1f s; they are lost",
+                "layerwatch: %d frame(s)%s not acknowledged by %s within %.1f s; %s",
                 left,
                 where,
                 self.url,
                 timeout,
+                fate,
             )
         self._disconnect()
         return left
@@ -132,8 +201,14 @@ class Sender:
         backoff = RECONNECT_MIN_S
         next_try = 0.0
         while True:
-            drained = self._drain(BATCH_WINDOW_S)
-            if self._closing.is_set() and not drained and not self._queue and not self._pending:
+            if self._abandon.is_set():
+                self._keep_on_disk()
+                return
+            busy = self._ws is not None and self._unsent()
+            self._drain(0.0 if busy else BATCH_WINDOW_S)
+            self._heartbeat_if_due()
+            if self._closing.is_set() and self._delivered():
+                self._finish()
                 return
             if self._ws is None and time.monotonic() >= next_try:
                 if self._connect():
@@ -141,23 +216,33 @@ class Sender:
                 else:
                     next_try = time.monotonic() + backoff
                     backoff = min(backoff * 2, RECONNECT_MAX_S)
-            if self._ws is not None and self._pending:
+            if self._ws is not None and self._unsent():
                 try:
-                    self._send_pending()
+                    self._send_next()
                 except Exception as exc:  # connection dropped mid-batch: replay after reconnect
-                    self._warn_once(
-                        f"lost:{type(exc).__name__}",
-                        "layerwatch: connection to %s lost (%s); will replay",
-                        self.url,
-                        exc,
-                    )
+                    if not self._abandon.is_set():
+                        self._warn_once(
+                            f"lost:{type(exc).__name__}",
+                            "layerwatch: connection to %s lost (%s); will replay",
+                            self.url,
+                            exc,
+                        )
                     self._disconnect()
-            elif self._ws is None and self._closing.is_set():
-                time.sleep(0.05)  # waiting for a server while close() waits for us
+            elif self._closing.is_set():
+                time.sleep(0.05)  # waiting for a server (or a heartbeat's turn) while close() waits for us
+
+    def _unsent(self) -> bool:
+        return bool(self._pending) or (self._spool is not None and self._spool.frames > 0)
+
+    def _delivered(self) -> bool:
+        """Everything numbered is acknowledged and the server knows the latest drop counts."""
+        with self._lock:
+            drops_known = self.dropped == self._drops_reported or self._run_start is None
+        return not self._queue and not self._unsent() and drops_known
 
     def _drain(self, window: float) -> bool:
-        """Move queued items into `_pending` as numbered frames; True if any came."""
-        if not self._queue:
+        """Move queued items into `_pending` as numbered, encoded frames; True if any came."""
+        if not self._queue and window > 0:
             self._closing.wait(window)  # a poll, woken early only by close()
         items = []
         while self._queue and len(items) < BATCH_MAX_FRAMES:
@@ -173,26 +258,112 @@ class Sender:
                 )
                 continue
             for kind, step, fields in produced:
-                seq = next(self._seq)
-                frame = wire.frame(kind, run_id=self.run_id, seq=seq, step=step, **fields)
-                if kind == "run_start":
-                    self._run_start = frame
-                self._pending[seq] = frame
-        self._bound_pending()
+                if kind == "run_end":
+                    fields = self._with_drops(fields)
+                self._number(kind, step, fields)
+        self._bound_memory()
         return True
 
-    def _bound_pending(self) -> None:
-        """Keep `_pending` under `max_pending`, dropping histograms first, loss last."""
-        excess = len(self._pending) - self._max_pending
-        for kind in DROP_ORDER:
-            if excess <= 0:
+    def _number(self, kind: str, step: int, fields: dict[str, Any]) -> None:
+        """Give a frame the run's next seq, encode it once and hold it until acked."""
+        seq = next(self._seq)
+        entry = encode(wire.frame(kind, run_id=self.run_id, seq=seq, step=step, **fields))
+        if kind == "run_start":
+            self._run_start = entry
+        self._latest_step = max(self._latest_step, step)
+        self._pending[seq] = entry
+        self._pending_bytes += entry.size
+
+    def _with_drops(self, fields: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            drops = dict(self.dropped)
+        self._drops_reported, self._drops_reported_at = drops, time.monotonic()
+        return {**fields, "dropped": drops} if drops else fields
+
+    def _heartbeat_if_due(self) -> None:
+        """Every `heartbeat_s` while connected, and soon after the drop counts change, say we are alive."""
+        if self._ws is None or self._run_start is None:
+            return  # undeliverable now: frames replayed later revive the run themselves
+        now = time.monotonic()
+        with self._lock:
+            drops_changed = self.dropped != self._drops_reported
+        due = now >= self._next_heartbeat and not self._closing.is_set()
+        if due or (drops_changed and now >= self._drops_reported_at + DROPS_REPORT_MIN_S):
+            self._next_heartbeat = now + self._heartbeat_s
+            self._number("heartbeat", self._latest_step, self._with_drops({"time": time.time()}))
+            self._bound_memory()
+
+    def _bound_memory(self) -> None:
+        """Keep memory under its caps: the oldest frames go to the spool, or are dropped without one."""
+        if self._pending_bytes <= self._max_memory_bytes and len(self._pending) <= self._max_pending:
+            return
+        if self._spool is not None and self._spool.writable:
+            # Spill down to half the caps: fewer, larger writes while the server stays away.
+            spill, size, count = [], self._pending_bytes, len(self._pending)
+            for entry in self._pending.values():
+                if size <= self._max_memory_bytes // 2 and count <= self._max_pending // 2:
+                    break
+                spill.append(entry)
+                size -= entry.size
+                count -= 1
+            try:
+                self._spool.append(spill)
+            except OSError as exc:
+                log.warning(
+                    "layerwatch: cannot write the spool at %s (%s); frames beyond memory are dropped",
+                    self.spool_path,
+                    exc,
+                )
+            else:
+                for entry in spill:
+                    del self._pending[entry.seq]
+                self._pending_bytes -= sum(e.size for e in spill)
                 return
-            victims = [seq for seq, f in self._pending.items() if f["kind"] == kind][:excess]
-            for seq in victims:
-                del self._pending[seq]
-            if victims:
-                self._count_drop(kind, len(victims))
-                excess -= len(victims)
+        self._shed_memory()
+
+    def _shed_memory(self) -> None:
+        """Without a spool: drop the oldest frames in memory, cheapest class first, to 3/4 of the caps."""
+        # Down to 3/4, not just under: each shedding pass walks the whole buffer once per class.
+        max_bytes, max_frames = self._max_memory_bytes * 3 // 4, self._max_pending * 3 // 4
+        dropped: dict[str, int] = {}
+        for cls in DROP_ORDER:
+            for entry in [e for e in self._pending.values() if e.cls == cls]:
+                if self._pending_bytes <= max_bytes and len(self._pending) <= max_frames:
+                    break
+                del self._pending[entry.seq]
+                self._pending_bytes -= entry.size
+                dropped[cls] = dropped.get(cls, 0) + 1
+        if dropped:
+            self._count_drops(dropped, f"memory is full ({self._max_memory_bytes} bytes) and there is no spool")
+
+    def _send_next(self) -> None:
+        """Send one batch, the spool's oldest frames first, and settle what the server acknowledged."""
+        from_spool = self._spool is not None and self._spool.frames > 0
+        if from_spool:
+            entries = self._spool.peek(BATCH_MAX_FRAMES, BATCH_MAX_BYTES)
+            from_spool = bool(entries)
+        if not from_spool:
+            entries, size = [], 0
+            for entry in itertools.islice(self._pending.values(), BATCH_MAX_FRAMES):
+                if entries and size + entry.size > BATCH_MAX_BYTES:
+                    break
+                entries.append(entry)
+                size += entry.size
+        if entries:
+            self._send_batch(entries)
+
+    def _settle(self, seqs: list[int]) -> int:
+        """Forget acknowledged (or rejected) frames wherever they are held; how many there were."""
+        settled = 0
+        with self._lock:
+            for seq in seqs:
+                entry = self._pending.pop(seq, None)
+                if entry is not None:
+                    self._pending_bytes -= entry.size
+                    settled += 1
+        if self._spool is not None:
+            settled += self._spool.ack(seqs)
+        return settled
 
     def _connect(self) -> bool:
         import inspect
@@ -220,9 +391,9 @@ class Sender:
             )
             self._ws = None
             return False
-        if self._run_start is not None and self._run_start["seq"] not in self._pending:
-            # The server may have lost the run (a new database): say who we are again.
-            # It ignores the frame if (run, seq) is already stored.
+        if self._run_start is not None:
+            # The server may have lost the run (a new database), or the run_start waits in
+            # the spool behind other frames: say who we are first. A stored (run, seq) is ignored.
             try:
                 self._send_batch([self._run_start])
             except Exception as exc:
@@ -233,23 +404,25 @@ class Sender:
         log.info("layerwatch: connected to %s", self.url)
         return True
 
-    def _send_pending(self) -> None:
-        while self._pending:
-            frames = list(itertools.islice(self._pending.values(), BATCH_MAX_FRAMES))
-            self._send_batch(frames)
-
-    def _send_batch(self, frames: list[dict[str, Any]]) -> None:
-        self._ws.send(json.dumps(wire.batch(frames)))
+    def _send_batch(self, entries: list[Entry]) -> None:
+        """Send one batch and wait for its ack (or rejection); raises when the connection fails."""
+        self._ws.send(envelope(entries))
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while True:
-            message = json.loads(self._ws.recv(timeout=max(0.0, deadline - time.monotonic())))
+            if self._abandon.is_set():
+                raise ConnectionAbortedError("close() stopped waiting")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no ack within {ACK_TIMEOUT_S} s")
+            try:
+                message = json.loads(self._ws.recv(timeout=min(RECV_POLL_S, remaining)))
+            except TimeoutError:
+                continue
             kind = message.get("kind")
             if kind == "ack":
-                acked = message.get("seqs", {}).get(self.run_id, [])
+                settled = self._settle(message.get("seqs", {}).get(self.run_id, []))
                 with self._lock:
-                    for seq in acked:
-                        if self._pending.pop(seq, None) is not None:
-                            self.acked += 1
+                    self.acked += settled
                 return
             if kind == "alert":
                 self._alert(message.get("alert") or {})
@@ -260,11 +433,34 @@ class Sender:
                 self._warn_once(
                     f"error:{message.get('error')}", "layerwatch: server rejected data: %s", message.get("error")
                 )
-                for frame in frames:
-                    self._pending.pop(frame["seq"], None)
-                self._count_drop("rejected", len(frames))
+                self._settle([e.seq for e in entries])
+                self._count_drop("rejected", len(entries))
                 raise ConnectionError(f"server rejected a batch: {message.get('error')}")
             self._warn_once(f"kind:{kind}", "layerwatch: ignoring a server message of kind %r", kind)
+
+    def _finish(self) -> None:
+        """Everything was delivered: the spool directory goes, and so does the connection."""
+        if self._spool is not None:
+            self._spool.remove()
+        self._left = (0, None, False)
+
+    def _keep_on_disk(self) -> None:
+        """close() stopped waiting: move what is queued and in memory to the spool, note what is left."""
+        try:
+            while self._queue:
+                self._drain(0.0)
+            if self._spool is not None and self._spool.writable and self._pending:
+                self._spool.append(list(self._pending.values()))
+                self._pending.clear()
+                self._pending_bytes = 0
+        except Exception as exc:  # the disk failed too: what memory holds is lost with the process
+            log.warning("layerwatch: could not write the undelivered frames to %s (%s)", self.spool_path, exc)
+        spooled = self._spool.frames if self._spool is not None else 0
+        spans = [(e.step, e.step) for e in self._pending.values()]
+        if spooled and self._spool is not None and self._spool.steps() is not None:
+            spans.append(self._spool.steps())
+        steps = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
+        self._left = (len(self._pending) + spooled, steps, spooled > 0)
 
     def _alert(self, alert: dict[str, Any]) -> None:
         key = (str(alert.get("rule")), alert.get("layer"), str(alert.get("severity")))
@@ -289,6 +485,20 @@ class Sender:
             except Exception:
                 pass
 
+    def _count_drops(self, counts: dict[str, int], why: str) -> None:
+        """Count dropped frames by class; the first time, one warning names what and how many."""
+        with self._lock:
+            for cls, n in counts.items():
+                self.dropped[cls] = self.dropped.get(cls, 0) + n
+        what = ", ".join(f"{n} {cls}" for cls, n in counts.items())
+        self._warn_once(
+            "drop:frames",
+            "layerwatch: %s: dropped the oldest frames (%s), cheapest first; the run's record will have gaps "
+            "(later drops are counted in status()['dropped'] and reported to the server)",
+            why,
+            what,
+        )
+
     def _count_drop(self, why: str, n: int = 1) -> None:
         with self._lock:
             self.dropped[why] = self.dropped.get(why, 0) + n
@@ -298,3 +508,13 @@ class Sender:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg, *args)
+
+
+def _snapshot(pending: OrderedDict[int, Entry]) -> list[Entry]:
+    """The entries of a buffer another thread may be changing: a retry or two, then whatever is known."""
+    for _ in range(3):
+        try:
+            return list(pending.values())
+        except RuntimeError:  # changed during iteration
+            time.sleep(0.01)
+    return []

@@ -184,3 +184,17 @@ def make_client(db_url: str) -> Iterator[Callable[..., TestClient]]:
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def spool_in_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Monitors closed with their server away keep their frames on disk: in the test's temp dir, not /tmp."""
+    import os
+
+    before = os.environ.get("LAYERWATCH_SPOOL_DIR")
+    os.environ["LAYERWATCH_SPOOL_DIR"] = str(tmp_path_factory.mktemp("layerwatch-spool"))
+    yield
+    if before is None:
+        os.environ.pop("LAYERWATCH_SPOOL_DIR", None)
+    else:
+        os.environ["LAYERWATCH_SPOOL_DIR"] = before

@@ -6,6 +6,7 @@ sender's pending buffer, where these tests read what would have been sent.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from client_hook import monitor, stats
+from client_hook.spool import read_segment
 from client_hook.wire import LAYER_STAT_COLUMNS
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: connection refused at once
@@ -42,12 +44,15 @@ def all_hook_counts(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 
 
 def frames(mon: monitor.Monitor, kind: str, wait: float = 2.0) -> list[dict]:
-    """Frames of `kind` the sender holds (it cannot deliver them: no server)."""
+    """Frames of `kind` the sender holds (it cannot deliver them: no server), on disk after close() too."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and mon._sender._queue:
         time.sleep(0.02)
     time.sleep(0.1)
-    return [f for f in list(mon._sender._pending.values()) if f["kind"] == kind]
+    held = list(mon._sender._pending.values())
+    for segment in sorted(mon._sender.spool_path.glob("*.jsonl")):
+        held += read_segment(segment)[0]
+    return [f for f in (json.loads(e.text) for e in sorted(held)) if f["kind"] == kind]
 
 
 def train(
