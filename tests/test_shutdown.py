@@ -68,9 +68,9 @@ def run_frames(run_id: str, steps: int) -> list[dict[str, Any]]:
     """run_start, then per step a scalars and a layer_stats frame (40 rows), then run_end."""
     frames = [wire.frame("run_start", run_id=run_id, seq=0, step=0, name=run_id, project="p", time=1.0, model=MODEL)]
     for step in range(steps):
-        for kind, fields in (("scalars", {"values": {"loss": 1.0 / (step + 1)}, "time": 1.0}), ("layer_stats", {})):
-            fields = fields or {"rows": ROWS}
-            frames.append(wire.frame(kind, run_id=run_id, seq=len(frames), step=step, **fields))
+        loss = {"values": {"loss": 1.0 / (step + 1)}, "time": 1.0}
+        frames.append(wire.frame("scalars", run_id=run_id, seq=len(frames), step=step, **loss))
+        frames.append(wire.frame("layer_stats", run_id=run_id, seq=len(frames), step=step, rows=ROWS))
     frames.append(wire.frame("run_end", run_id=run_id, seq=len(frames), step=steps - 1, status="finished", time=2.0))
     return frames
 
@@ -111,10 +111,10 @@ class ReplayingClient(threading.Thread):
                         with self.lock:
                             self.acked.update(answer["seqs"][batch[0]["run_id"]])
                         time.sleep(0.01)  # a training step's worth of pause between batches
-            except (OSError, TimeoutError, Exception) as exc:
-                if isinstance(exc, AssertionError):
-                    raise
-                time.sleep(0.1)  # the server is away: try again, as the real sender does
+            except AssertionError:
+                raise
+            except Exception:  # refused, closed with 1012, reset: the server is away
+                time.sleep(0.1)  # try again, as the real sender does
 
     def snapshot(self) -> tuple[set[int], list[list[int]]]:
         with self.lock:
@@ -171,6 +171,7 @@ def test_a_batch_caught_mid_commit_is_committed_before_exit(tmp_path: Path) -> N
                 while json.loads(ws.recv(timeout=EXIT_WAIT_S))["kind"] != "ack":
                     pass
         blocker.close()
-        sigterm_log = process.wait(timeout=EXIT_WAIT_S), process.log.read_text()  # type: ignore[attr-defined]
-    assert sigterm_log[0] == 0, sigterm_log[1]
-    assert stored_seqs(db, "in-flight") == {f["seq"] for f in frames}, sigterm_log[1]
+        returncode = process.wait(timeout=EXIT_WAIT_S)
+    log = process.log.read_text(errors="replace")  # type: ignore[attr-defined]
+    assert returncode == 0, log
+    assert stored_seqs(db, "in-flight") == {f["seq"] for f in frames}, log
