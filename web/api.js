@@ -1,8 +1,11 @@
 // The dashboard's only contact with the server: REST fetches, the live
 // websocket, and the one escaping helper for text that goes into Plotly.
+// Both carry the access token when the server wants one (auth.js).
 //
 // Names used here (kind, stat, step, layer, param) are the wire schema's
 // (client_hook/wire.py), unchanged.
+
+import { askForToken, authHeaders, CLOSE_UNAUTHORIZED, storedToken } from "./auth.js";
 
 export const TENSOR_KINDS = ["weight", "grad", "activation"];
 export const STAT_FIELDS = ["mean", "std", "rms", "norm", "min", "max", "nonfinite", "zero_frac", "numel", "update_ratio", "sat_frac"];
@@ -24,22 +27,37 @@ export function escapeHtml(value) {
 
 export class HttpError extends Error {}
 
+// The server's `detail` for a failed response, or "" when it sent none.
+async function detailOf(response) {
+  try {
+    const body = await response.json();
+    return typeof body.detail === "string" ? body.detail : "";
+  } catch {
+    return ""; /* not JSON; the status says enough */
+  }
+}
+
+// fetch() with the stored token; on 401, ask for a token (once for every
+// request that failed together) and try again with it.
+export async function apiFetch(url, init = {}) {
+  for (;;) {
+    const headers = { Accept: "application/json", ...(init.headers || {}), ...authHeaders() };
+    const response = await fetch(url, { ...init, headers });
+    if (response.status !== 401) return response;
+    await askForToken(await detailOf(response));
+  }
+}
+
 async function getJSON(path, params = {}) {
   const query = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) {
     if (v !== undefined && v !== null && v !== "") query.set(k, v);
   }
   const qs = query.toString();
-  const response = await fetch(qs ? `${path}?${qs}` : path, { headers: { Accept: "application/json" } });
+  const response = await apiFetch(qs ? `${path}?${qs}` : path);
   if (!response.ok) {
-    let detail = "";
-    try {
-      const body = await response.json();
-      detail = typeof body.detail === "string" ? `: ${body.detail}` : "";
-    } catch {
-      /* not JSON; the status says enough */
-    }
-    throw new HttpError(`${path} answered HTTP ${response.status}${detail}`);
+    const detail = await detailOf(response);
+    throw new HttpError(`${path} answered HTTP ${response.status}${detail ? `: ${detail}` : ""}`);
   }
   return response.json();
 }
@@ -67,6 +85,8 @@ export function stepWindow(xRange, maxPoints) {
 
 // One /ws/live connection for the whole page. Reconnects with exponential
 // backoff; `onOpen(reconnected)` lets views catch up on what they missed.
+// Browsers cannot set headers on a websocket, so the token goes as ?token=;
+// a socket refused for its token asks for one and reconnects at once.
 export class LiveSocket {
   constructor({ onEvent, onState, onOpen }) {
     this.onEvent = onEvent;
@@ -81,9 +101,11 @@ export class LiveSocket {
   connect() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     this.onState(this.opened ? "reconnecting" : "connecting");
+    const token = storedToken();
+    const query = token ? `?token=${encodeURIComponent(token)}` : "";
     let ws;
     try {
-      ws = new WebSocket(`${scheme}//${location.host}/ws/live`);
+      ws = new WebSocket(`${scheme}//${location.host}/ws/live${query}`);
     } catch {
       this.retry();
       return;
@@ -105,8 +127,10 @@ export class LiveSocket {
       }
       this.onEvent(event);
     };
-    ws.onclose = () => {
-      if (this.ws === ws) this.retry();
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      if (event.code === CLOSE_UNAUTHORIZED) askForToken(event.reason).then(() => this.connect());
+      else this.retry();
     };
     // An error is always followed by close; the retry happens there.
     ws.onerror = () => {};

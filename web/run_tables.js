@@ -3,7 +3,7 @@
 // parameter counts, frozen / unused / not-in-optimizer markers, and the
 // alerts that name each module.
 
-import { SEVERITIES } from "./api.js";
+import { apiFetch, SEVERITIES } from "./api.js";
 import { $, el, severityBadge } from "./dom.js";
 import { hooks, S } from "./run_state.js";
 
@@ -25,7 +25,7 @@ export async function loadWebhooks(gen) {
   clearTimeout(webhookTimer);
   let summary = [];
   try {
-    const response = await fetch(`/api/webhooks/summary?run_id=${encodeURIComponent(S.id)}`);
+    const response = await apiFetch(`/api/webhooks/summary?run_id=${encodeURIComponent(S.id)}`);
     if (response.ok) summary = await response.json();
   } catch {
     /* an extra column: the table is whole without it */
