@@ -24,8 +24,9 @@ MODEL = {"modules": [{"name": "fc", "type": "Linear", "params": []}]}
 def start_run(base: str, name: str) -> str:
     """Ingest a run_start and a loss over /ws/ingest with the token, as a training client does; its id."""
     run_id = f"{name}-{uuid.uuid4().hex[:8]}"
+    start = {"name": name, "project": "tokens", "time": time.time(), "model": MODEL}
     frames = [
-        wire.frame("run_start", run_id=run_id, seq=0, step=0, name=name, project="tokens", time=time.time(), model=MODEL),
+        wire.frame("run_start", run_id=run_id, seq=0, step=0, **start),
         wire.frame("scalars", run_id=run_id, seq=1, step=0, values={"loss": 1.5}, time=time.time()),
     ]
     url = base.replace("http://", "ws://") + "/ws/ingest"
