@@ -7,8 +7,17 @@ Steps are optimizer steps. On a sampled step:
 - the optimizer's step pre-hook reads each gradient where the optimizer sees
   it (after unscaling and clipping) and snapshots the weights;
 - the step post-hook measures ||w_after - w_before|| / ||w_before|| and the
-  weights, stacks every summary row and makes the step's single device-to-host
-  copy (non-blocking on CUDA; the sender thread waits for it, not training).
+  weights, summarizes every row in one batched op chain and makes the step's
+  single device-to-host copy (non-blocking on CUDA; the sender thread waits for
+  it, not training).
+
+What is kept of a tensor is its fixed subset (`stats.subset`: the whole tensor
+up to `stats.SUBSET_SIZE` elements, a strided subset beyond): activations,
+gradients and the pre-step weights are copied as subsets of at most 4096
+elements each, so a sample costs about the same for any layer size and the
+extra memory is a few KB per tensor. Weight and gradient norms stay exact (one
+fused `_foreach_norm` each); the update ratio of a large tensor is measured on
+its subset.
 
 Everything runs under `torch.no_grad()` and only reads tensors: outputs,
 gradients, weights and the RNG state are exactly what they would be without the
@@ -35,48 +44,27 @@ from client_hook.wire import ACTIVATION_PARAM
 
 log = logging.getLogger("layerwatch")
 
-# Tensors larger than this get their update ratio from a fixed random subset of
-# SUBSET_SIZE elements, so the pre-step copy stays small (DESIGN: bounded memory).
-SUBSET_THRESHOLD = 1 << 22  # 4M elements = 16 MB in fp32
-SUBSET_SIZE = 1 << 16
-
 Row = tuple[str, str, str]  # (layer, param, kind)
+_UNKNOWN = -1.0  # an exact norm not measured (activations): stats.summarize_subsets estimates it
 
 # Saturating activations and the fraction of their outputs in the flat tails
 # (DIAGNOSTICS `saturated_units`: |tanh| > 0.99, sigmoid outside [0.01, 0.99]).
 SATURATION: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
-    nn.Tanh: lambda t: (t.detach().abs() > 0.99).float().mean(),
-    nn.Hardtanh: lambda t: (t.detach().abs() >= 0.99).float().mean(),
-    nn.Softsign: lambda t: (t.detach().abs() > 0.99).float().mean(),
-    nn.Sigmoid: lambda t: ((t.detach() < 0.01) | (t.detach() > 0.99)).float().mean(),
-    nn.Hardsigmoid: lambda t: ((t.detach() <= 0.01) | (t.detach() >= 0.99)).float().mean(),
+    nn.Tanh: lambda t: (t.abs() > 0.99).float().mean(),
+    nn.Hardtanh: lambda t: (t.abs() >= 0.99).float().mean(),
+    nn.Softsign: lambda t: (t.abs() > 0.99).float().mean(),
+    nn.Sigmoid: lambda t: ((t < 0.01) | (t > 0.99)).float().mean(),
+    nn.Hardsigmoid: lambda t: ((t <= 0.01) | (t >= 0.99)).float().mean(),
 }
-
-
-def _summarize_by_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`stats.summarize` of each tensor, batched per device with `summarize_many` (ops grow with
-    the number of size classes, not of tensors); rows in the order given."""
-    rows: list[torch.Tensor | None] = [None] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for indices in by_device.values():
-        matrix = stats.summarize_many([tensors[i].detach() for i in indices])
-        for i, row in zip(indices, matrix.unbind()):
-            rows[i] = row
-    return rows  # type: ignore[return-value]
 
 
 class Sample:
     """One sampled step's summary rows, copied to the host once; decoded in the sender thread."""
 
-    def __init__(
-        self, step: int, every: int, rows: list[Row], summaries: list[torch.Tensor], extras: list[torch.Tensor]
-    ):
-        """`extras`: per row, [update_ratio, sat_frac] (NaN where they do not apply)."""
+    def __init__(self, step: int, every: int, rows: list[Row], matrix: torch.Tensor) -> None:
+        """`matrix`: per row, its summary (`stats.ROW_WIDTH`) then [update_ratio, sat_frac] (NaN: not applicable)."""
         self.step, self.every, self.rows = step, every, rows
-        # The step's one device-to-host copy.
-        self._copy = HostCopy(torch.cat([torch.stack(summaries), torch.stack(extras)], dim=1))
+        self._copy = HostCopy(matrix)  # the step's one device-to-host copy
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
         stat_rows, hist_rows = [], []
@@ -114,14 +102,18 @@ class Collector:
         self._armed: list[RemovableHandle] = []  # activation hooks of the sampled step
         self._order_handles: list[RemovableHandle] = []
         self._seen_order: list[str] = []
-        self._activations: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._grads: list[tuple[Row, torch.Tensor]] = []
+        # Kept between the hooks of one sampled step only (subsets: a few KB per tensor).
+        self._activations: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+        self._grads: list[_Entry] = []
         self._snapshots: dict[int, torch.Tensor] = {}
-        self._subsets: dict[int, torch.Tensor] = {}
-        self._ready: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._ready: list[Sample] = []
         self._quiet: set[str] = set()
         self._watch_forward_order()
-        labelled = [(f"{layer}.{name}" if layer else name, param) for (layer, name, _), param in self._parameters()]
+        # (row, parameter) in model order; fixed at attach, like the names (no per-step walk of the model).
+        self._params: list[tuple[Row, nn.Parameter]] = [
+            ((*self._owners.get(id(p), ("", "?")), "grad"), p) for p in model.parameters()
+        ]
+        labelled = [(f"{layer}.{name}" if layer else name, param) for (layer, name, _), param in self._params]
         self.signals = StepSignals(model, self._names, labelled)
         if optimizer is not None:
             self.signals.optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -223,8 +215,11 @@ class Collector:
             return  # a module called twice in one forward: its first call stands
         tensor = first_float_tensor(output)
         if tensor is not None:
+            # A copy of the subset (<= SUBSET_SIZE elements): a later in-place op (ReLU(inplace=True))
+            # must not change what was seen, and the activation itself is not kept alive.
+            part = stats.subset(tensor).clone()
             saturation = SATURATION.get(type(module))
-            self._activations[name] = (stats.summarize(tensor), saturation(tensor) if saturation else None)
+            self._activations[name] = (part, tensor.numel(), saturation(part) if saturation else None)
 
     def _disarm(self, module: nn.Module, args: Any, output: Any) -> None:
         for handle in self._armed:
@@ -233,25 +228,28 @@ class Collector:
 
     # ------------------------------------------------------------ optimizer step
 
-    def _parameters(self) -> list[tuple[Row, nn.Parameter]]:
-        params = []
-        for param in self.model.parameters():
-            layer, name = self._owners.get(id(param), ("", "?"))
-            params.append(((layer, name, "grad"), param))
-        return params
-
     def _read_grads(self) -> None:
-        pairs = [(row, p.grad) for row, p in self._parameters() if p.grad is not None and not p.grad.is_sparse]
-        self._grads = list(zip([row for row, _ in pairs], _summarize_by_device([g for _, g in pairs])))
+        """Copy each gradient's subset as the optimizer sees it, with its exact norm from the signals."""
+        pairs = [(row, p.grad) for row, p in self._params if p.grad is not None and not p.grad.is_sparse]
+        if not pairs:
+            self._grads = []
+            return
+        # One fused copy of all subsets: the optimizer may not change .grad, but nothing says it won't.
+        parts = torch._foreach_mul([stats.subset(g) for _, g in pairs], 1.0)
+        norms = self.signals.grad_norms(len(pairs))  # the same gradients, read by the signals just before
+        self._grads = [
+            _Entry(row, part, g.numel(), None if norms is None else norms[i])
+            for i, ((row, g), part) in enumerate(zip(pairs, parts))
+        ]
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.is_sampled(self.step):
             return
         self._read_grads()
-        self._snapshots = {}
-        for _, param in self._parameters():
-            if param.requires_grad:
-                self._snapshots[id(param)] = self._subset(param).clone()
+        # The pre-step weights, as subsets: what the update ratio needs and nothing more (bounded memory).
+        trainable = [p for _, p in self._params if p.requires_grad]
+        copies = torch._foreach_mul([stats.subset(p) for p in trainable], 1.0) if trainable else []
+        self._snapshots = dict(zip((id(p) for p in trainable), copies))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         sampled = self.is_sampled(self.step)
@@ -268,58 +266,36 @@ class Collector:
         except Exception:
             self._go_quiet("activation")
 
-    def _update_ratios(self, params: list[tuple[Row, nn.Parameter]]) -> dict[int, torch.Tensor]:
-        """id(param) -> ||w_after - w_before|| / ||w_before||, a few multi-tensor ops per device."""
-        by_device: dict[torch.device, list[nn.Parameter]] = {}
-        for _, param in params:
-            if id(param) in self._snapshots:
-                by_device.setdefault(param.device, []).append(param)
-        out: dict[int, torch.Tensor] = {}
-        for group in by_device.values():
-            ratios = stats.update_ratios([self._snapshots[id(p)] for p in group], [self._subset(p) for p in group])
-            out.update(zip((id(p) for p in group), ratios.unbind()))
-        return out
-
-    def _subset(self, param: torch.Tensor) -> torch.Tensor:
-        flat = param.detach().reshape(-1)
-        if flat.numel() <= SUBSET_THRESHOLD:
-            return flat
-        index = self._subsets.get(id(param))
-        if index is None or index.device != flat.device:
-            # A private generator: the user's RNG stream is never touched.
-            generator = torch.Generator().manual_seed(id(param) & 0xFFFF)
-            index = torch.randperm(flat.numel(), generator=generator)[:SUBSET_SIZE].to(flat.device)
-            self._subsets[id(param)] = index
-        return flat[index]
-
     def _summarize_step(self, *, with_ratios: bool) -> None:
-        """Summary rows of this step's activations, gradients and weights, still on device."""
-        by_device: dict[torch.device, tuple[list[Row], list[torch.Tensor], list[torch.Tensor]]] = {}
-
-        def add(row: Row, summary: torch.Tensor, ratio: torch.Tensor | None = None, sat: torch.Tensor | None = None):
-            bucket = by_device.setdefault(summary.device, ([], [], []))
-            bucket[0].append(row)
-            bucket[1].append(summary)
-            nan = torch.full((), float("nan"), dtype=torch.float64, device=summary.device)
-            bucket[2].append(torch.stack([nan if v is None else v.to(torch.float64) for v in (ratio, sat)]))
-
-        for name, (summary, sat) in self._activations.items():
-            add((name, ACTIVATION_PARAM, "activation"), summary, sat=sat)
-        for row, summary in self._grads:
-            add(row, summary)
-        params = self._parameters()
-        ratios = self._update_ratios(params) if with_ratios else {}
-        summaries = _summarize_by_device([param for _, param in params])
-        for ((layer, pname, _), param), summary in zip(params, summaries):
-            add((layer, pname, "weight"), summary, ratios.get(id(param)))
+        """Summary rows of this step's activations, gradients and weights: one batched summary per device."""
+        entries = [_Entry((name, ACTIVATION_PARAM, "activation"), part, n, sat=sat) for name, (part, n, sat) in
+                   self._activations.items()]  # fmt: skip
+        entries += self._grads
+        weights = [p for _, p in self._params]
+        parts = [stats.subset(p) for p in weights]
+        # Exact weight norms: one fused pass over all parameters (the only full pass of a sample).
+        norms = _foreach_norms(weights)
+        ratios: dict[int, torch.Tensor] = {}
+        if with_ratios:
+            moved = [(i, self._snapshots[id(p)]) for i, p in enumerate(weights) if id(p) in self._snapshots]
+            if moved:
+                after = [parts[i] for i, _ in moved]
+                values = stats.update_ratios([before for _, before in moved], after).unbind()
+                ratios = {i: v for (i, _), v in zip(moved, values)}
+        for i, ((layer, name, _), param) in enumerate(self._params):
+            entries.append(_Entry((layer, name, "weight"), parts[i], param.numel(), norms[i], ratios.get(i)))
         self._activations, self._grads = {}, []
-        self._ready = by_device
+        self._ready = [
+            Sample(self.step, self.schedule.every, [e.row for e in group], _matrix(group))
+            for group in _by_device(entries).values()
+        ]
 
     def _emit_ready(self) -> None:
         """Hand the summarized step to the sender: one device-to-host copy per device, usually one."""
-        ready, self._ready = self._ready, {}
-        for rows, summaries, ratios in ready.values():
-            self._emit(Sample(self.step, self.schedule.every, rows, summaries, ratios))
+        ready, self._ready = self._ready, []
+        for sample in ready:
+            sample.every = self.schedule.every  # the interval planned after this sample
+            self._emit(sample)
 
     # ------------------------------------------------------------ failure policy
 
@@ -360,3 +336,52 @@ class Collector:
     def _go_quiet(self, part: str) -> None:
         self._quiet.add(part)
         log.exception("layerwatch: the %s hook failed and is now off for this run (training is unaffected)", part)
+
+
+class _Entry:
+    """One row of a sample before summarizing: the tensor's subset, its size, exact norm, ratio, saturation."""
+
+    __slots__ = ("row", "part", "numel", "norm", "ratio", "sat")
+
+    def __init__(
+        self,
+        row: Row,
+        part: torch.Tensor,
+        numel: int,
+        norm: torch.Tensor | None = None,
+        ratio: torch.Tensor | None = None,
+        sat: torch.Tensor | None = None,
+    ) -> None:
+        self.row, self.part, self.numel, self.norm, self.ratio, self.sat = row, part, numel, norm, ratio, sat
+
+
+def _foreach_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Exact L2 norm of each tensor (None for empty ones): one fused kernel per device and dtype."""
+    dense = [(i, t.detach()) for i, t in enumerate(tensors) if t.numel() > 0 and not t.is_sparse]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for i, norm in zip((i for i, _ in dense), torch._foreach_norm([t for _, t in dense]) if dense else []):
+        out[i] = norm
+    return out
+
+
+def _by_device(entries: list[_Entry]) -> dict[torch.device, list[_Entry]]:
+    groups: dict[torch.device, list[_Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.part.device, []).append(entry)
+    return groups
+
+
+def _matrix(entries: list[_Entry]) -> torch.Tensor:
+    """[len(entries), ROW_WIDTH + 2] float64 on the entries' device: summaries, update ratio, saturation.
+
+    A fixed number of ops for any number of rows (stacks of 0-d tensors, one batched summary).
+    """
+    device = entries[0].part.device
+    unknown = torch.full((), _UNKNOWN, dtype=torch.float64, device=device)
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+    # torch.stack promotes float32 norms and fractions to float64: one op per column, not per row.
+    norms = torch.stack([unknown if e.norm is None else e.norm for e in entries])
+    summaries = stats.summarize_subsets([e.part for e in entries], [e.numel for e in entries], norms)
+    ratios = torch.stack([nan if e.ratio is None else e.ratio for e in entries])
+    sats = torch.stack([nan if e.sat is None else e.sat for e in entries])
+    return torch.cat([summaries, ratios[:, None], sats[:, None]], dim=1)

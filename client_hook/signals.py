@@ -182,6 +182,11 @@ class StepSignals:
         norms = torch._foreach_norm([g.detach() for _, g in labelled])
         self._norms = torch.stack(norms).to(torch.float64)
 
+    def grad_norms(self, count: int) -> torch.Tensor | None:
+        """This step's gradient norms (float64, model order, gradients present and dense), if `count` of them
+        were read: the collector reuses them as the exact norms of a sample's gradient rows."""
+        return self._norms if self._norms is not None and self._norms.numel() == count else None
+
     def end_step(self, step: int) -> SignalsItem:
         """Pack this step's signals (one vector, one copy) and get ready for the next step."""
         device = next((t.device for t in (self._input, self._output_sum, self._norms) if t is not None), None)

@@ -17,6 +17,9 @@ constant tensor puts everything in the first bin).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from client_hook.wire import HIST_BINS, STAT_FIELDS
@@ -180,6 +183,105 @@ def _summarize_rows(matrix: torch.Tensor, numels: list[int], bins: int) -> torch
     counts = torch.zeros((k, bins + 1), dtype=torch.int64, device=device).scatter_add_(1, index, ones)
     stats = torch.stack([mean, std, rms, norm, lo, hi, nonfinite, zero_frac, numel, lo, hi], dim=1)
     return torch.cat([stats.to(torch.float64), counts[:, :bins].to(torch.float64)], dim=1)
+
+
+# A sampled tensor larger than SUBSET_SIZE elements is summarized from a fixed strided
+# subset of at most SUBSET_SIZE of them: a 64-bin histogram, mean, std and zero fraction
+# are estimated to about 1/sqrt(4096) ~ 2% from it, and the whole sample then costs the
+# same for a 10K- or a 100M-element layer (a full pass per statistic over every weight,
+# gradient and activation of a CNN costs several times its training step on one CPU core).
+SUBSET_SIZE = 1 << 12
+
+
+@functools.lru_cache(maxsize=4096)
+def subset_stride(shape: tuple[int, ...]) -> int:
+    """The stride of the fixed subset of a tensor of `shape`: 1 (every element) up to SUBSET_SIZE elements,
+    else the smallest prime >= numel / SUBSET_SIZE that divides none of the dimensions, so the subset walks
+    through every row and column instead of repeating one column (a stride of 784 on [256, 784] would)."""
+    numel = math.prod(shape)
+    if numel <= SUBSET_SIZE:
+        return 1
+    stride = max(2, -(-numel // SUBSET_SIZE))
+    while not _is_prime(stride) or any(d % stride == 0 for d in shape if d > 1):
+        stride += 1
+    return stride
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def subset(x: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of the fixed subset of `x` (`x` itself flattened when it is small); a copy only if
+    `x` is not contiguous."""
+    flat = x.detach().reshape(-1)
+    stride = subset_stride(tuple(x.shape))
+    return flat if stride == 1 else flat[::stride]
+
+
+@torch.no_grad()
+def summarize_subsets(
+    parts: list[torch.Tensor], numels: list[int], norms: torch.Tensor | None = None, bins: int = HIST_BINS
+) -> torch.Tensor:
+    """Summary rows of tensors given by their subsets: a [len(parts), ROW_WIDTH] float64 matrix, one op chain.
+
+    `parts[i]` is the 1-D `subset` of a tensor of `numels[i]` elements (the whole
+    tensor when it is small: then its row equals `summarize`'s). `norms[i]`, when
+    given and not negative (-1: unknown), is that tensor's exact L2 norm (e.g. from one fused
+    `_foreach_norm`). For a true subset, mean, std, min, max, zero_frac and the
+    histogram (counts of the subset's elements) are estimates; `numel` is the
+    tensor's; `norm` and `rms` are exact where `norms` gives them (and the
+    tensor is then known to hold no NaN/Inf when its norm is finite, and to be
+    all zeros when it is 0), else scaled from the subset; `nonfinite` is the
+    subset's count scaled to the tensor.
+    All parts share one device; the op count does not grow with their number.
+    """
+    if not parts:
+        return torch.empty((0, ROW_WIDTH), dtype=torch.float64)
+    device = parts[0].device
+    lengths = [p.numel() for p in parts]
+    rows: list[torch.Tensor | None] = [None] * len(parts)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, n in enumerate(lengths):
+        if n == 0:
+            rows[i] = empty_summary(device)
+        else:
+            by_dtype.setdefault(torch.float64 if parts[i].dtype == torch.float64 else torch.float32, []).append(i)
+    for members in by_dtype.values():
+        # One [k, width] matrix padded with NaN (padding counts as non-finite and is subtracted
+        # in _summarize_rows): at most len(parts) x SUBSET_SIZE elements.
+        flats = [_stat_dtype(parts[i]) for i in members]
+        matrix = torch.nn.utils.rnn.pad_sequence(flats, batch_first=True, padding_value=float("nan"))
+        for j, row in zip(members, _summarize_rows(matrix, [lengths[i] for i in members], bins).unbind()):
+            rows[j] = row
+    matrix = torch.stack(rows)  # type: ignore[arg-type]
+    if all(n == t for n, t in zip(lengths, numels)):
+        return matrix  # every tensor taken whole: the rows are exact
+    return _scale_to_tensors(matrix, lengths, numels, norms)
+
+
+def _scale_to_tensors(
+    matrix: torch.Tensor, lengths: list[int], numels: list[int], norms: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows of subsets -> rows of their whole tensors (see `summarize_subsets`); whole rows unchanged."""
+    device = matrix.device
+    sampled = torch.tensor([n != t for n, t in zip(lengths, numels)], device=device)
+    scale = torch.tensor([t / max(n, 1) for n, t in zip(lengths, numels)], dtype=torch.float64, device=device)
+    numel = torch.tensor(numels, dtype=torch.float64, device=device)
+    unknown = torch.full((len(numels),), -1.0, dtype=torch.float64, device=device)
+    exact = unknown if norms is None else norms.to(device=device, dtype=torch.float64)
+    known = ~(exact < 0)  # NaN (a NaN element) is known, and not clean
+    clean = known & torch.isfinite(exact)  # a finite exact norm: no NaN/Inf anywhere in the tensor
+    old = matrix[:, : len(STAT_FIELDS)]
+    col = dict(zip(STAT_FIELDS, old.unbind(1)))
+    estimate = (col["nonfinite"] * scale).round()
+    nonfinite = torch.where(clean, 0.0, torch.where(known, estimate.clamp(min=1), estimate))
+    rms = torch.where(clean, exact / numel.sqrt(), col["rms"])
+    norm = torch.where(clean, exact, col["rms"] * (numel - nonfinite).clamp(min=1).sqrt())
+    zero_frac = torch.where(clean & (exact == 0), 1.0, col["zero_frac"])  # all zeros, exactly
+    col.update(rms=rms, norm=norm, nonfinite=nonfinite, zero_frac=zero_frac, numel=numel)
+    new = torch.where(sampled[:, None], torch.stack([col[f] for f in STAT_FIELDS], dim=1), old)
+    return torch.cat([new, matrix[:, len(STAT_FIELDS) :]], dim=1)
 
 
 def update_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -256,6 +256,7 @@ def test_a_failing_hook_goes_quiet_and_training_continues(
 
     monkeypatch.setattr(stats, "summarize", broken)
     monkeypatch.setattr(stats, "summarize_many", broken)
+    monkeypatch.setattr(stats, "subset", broken)  # what the activation and optimizer hooks call first
     with caplog.at_level(logging.ERROR, logger="layerwatch"):
         train(model, opt, 4, mon)
     assert mon.step == 4
