@@ -19,6 +19,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
+import re
 import socket
 from typing import Any
 
@@ -164,3 +166,20 @@ def exposure_warning(host: str, port: int, token: str | None) -> str | None:
         "can read every run and send data to this server. Start it with --token <secret> (or set "
         "LAYERWATCH_TOKEN), and pass the same token to monitor.attach(..., token=...) and the dashboard."
     )
+
+
+class RedactTokens(logging.Filter):
+    """A logging filter that blanks `token=...` in query strings (uvicorn logs every websocket's
+    path with its query, and a dashboard's /ws/live carries the token there)."""
+
+    _PATTERN = re.compile(r"([?&]token=)[^&\s\"']*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Argument by argument, keeping their shape: uvicorn's access formatter unpacks them.
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(arg) for arg in record.args)
+        record.msg = self._redact(record.msg)
+        return True
+
+    def _redact(self, value: Any) -> Any:
+        return self._PATTERN.sub(r"\1***", value) if isinstance(value, str) and "token=" in value else value

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
 import signal
 import sys
+from typing import Any
 
 from server.diagnosis import cli as diagnosis_cli
 
@@ -70,8 +72,22 @@ def _serve(args: argparse.Namespace) -> int:
         # On SIGTERM/Ctrl-C uvicorn stops accepting, closes the websockets (code 1012) and
         # waits this long for the handlers still committing a batch; then the lifespan ends.
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        log_config=_uvicorn_log_config(),
     )
     return 0
+
+
+def _uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's own logging set-up, with access tokens blanked out of the paths it logs."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    from server.auth import RedactTokens
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_tokens"] = {"()": RedactTokens}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_tokens")
+    return config
 
 
 def _exit_zero_after_sigterm() -> None:

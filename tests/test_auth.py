@@ -132,8 +132,13 @@ def test_a_real_browser_style_client_sees_the_close_code(tmp_path: Path) -> None
             with pytest.raises(TimeoutError):
                 ws.recv(timeout=0.3)  # open and quiet: nothing happened yet
         assert httpx.get(f"{base}/api/runs").status_code == 401
+        assert httpx.get(f"{base}/api/runs", params={"token": TOKEN}).status_code == 401
         assert httpx.get(f"{base}/api/runs", headers=BEARER).json() == []
         assert httpx.get(f"{base}/api/health").json()["auth"] == "token"
+    # uvicorn logs each path with its query; the token is blanked there, the rest kept.
+    log = next(tmp_path.glob("server-*.log")).read_text()
+    assert '"WebSocket /ws/live?token=***" [accepted]' in log and "GET /api/runs?token=*** HTTP/1.1" in log, log
+    assert TOKEN not in log, log
 
 
 @pytest.mark.parametrize(
