@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--heartbeat-timeout",
         type=_seconds,
-        default=os.environ.get("LAYERWATCH_HEARTBEAT_TIMEOUT", "60"),
+        default=os.environ.get("LAYERWATCH_HEARTBEAT_TIMEOUT") or "60",  # "" (unset in compose) too
         metavar="SECONDS",
         help="mark a running run crashed after this long without a frame from it (default %(default)s)",
     )

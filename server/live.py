@@ -125,7 +125,9 @@ async def live(websocket: WebSocket) -> None:
         # but it does see this close code and reason, and can ask for a token.
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await websocket.accept()
-            await websocket.close(code=auth.CLOSE_UNAUTHORIZED, reason=problem[:120])
+            # A close reason is at most 123 bytes; the problem may quote a client's non-ASCII text.
+            reason = problem.encode("utf-8", "replace")[:120].decode("utf-8", "ignore")
+            await websocket.close(code=auth.CLOSE_UNAUTHORIZED, reason=reason)
         return
     # Subscribed before the handshake completes, so no event after it is missed.
     queue = hub.subscribe()
