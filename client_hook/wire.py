@@ -96,6 +96,7 @@ SIGNAL_FIELDS: tuple[str, ...] = (
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
 MAX_NAME_LEN = 256
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # default server limit for one batch
+MAX_COUNT = 2**63 - 1  # seqs, steps and counts are stored as 64-bit signed database integers
 
 
 class SchemaError(ValueError):
@@ -122,7 +123,13 @@ def _finite_number(v: Any) -> str | None:
 
 
 def _count(v: Any) -> str | None:
-    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "a non-negative integer"
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        return "a non-negative integer"
+    return None if v <= MAX_COUNT else "a non-negative integer below 2**63 (a 64-bit database integer)"
+
+
+def _is_protocol(v: Any) -> bool:
+    return type(v) is int and v == PROTOCOL_VERSION  # not True or 1.0, which equal 1 in Python
 
 
 def _name(v: Any) -> str | None:
@@ -285,7 +292,7 @@ def _plain_table(rows: list[Any], width: int) -> list[tuple[Any, ...]] | None:
 
 
 def _plain_counts(column: tuple[Any, ...]) -> bool:
-    return set(map(type, column)) == {int} and min(column) >= 0
+    return set(map(type, column)) == {int} and min(column) >= 0 and max(column) <= MAX_COUNT
 
 
 def _plain_stat_rows(rows: list[Any]) -> bool:
@@ -334,7 +341,7 @@ _HIST_CELLS: dict[str, Callable[[Any], str | None]] = {
 
 _COMMON: dict[str, Callable[[Any], str | None]] = {
     "protocol": lambda v: (
-        None if v == PROTOCOL_VERSION else f"{PROTOCOL_VERSION} (this server speaks protocol {PROTOCOL_VERSION})"
+        None if _is_protocol(v) else f"{PROTOCOL_VERSION} (this server speaks protocol {PROTOCOL_VERSION})"
     ),
     "kind": _one_of(FRAME_KINDS),
     "run_id": _nonempty_name,
@@ -418,7 +425,7 @@ def validate_batch(message: Any) -> list[dict[str, Any]]:
             f"a message must be an object {{'protocol': {PROTOCOL_VERSION}, 'frames': [...]}}, "
             f"but got {_short(message)}"
         )
-    if message.get("protocol") != PROTOCOL_VERSION:
+    if not _is_protocol(message.get("protocol")):
         raise SchemaError(
             f"unsupported protocol version {message.get('protocol')!r}: this server speaks protocol {PROTOCOL_VERSION}"
         )

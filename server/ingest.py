@@ -96,7 +96,10 @@ async def _reject(websocket: WebSocket, text: str, code: int) -> None:
     log.warning("ingest from %s rejected: %s", websocket.client, text)
     try:
         await websocket.send_json(wire.error(text))
-        await websocket.close(code=code, reason=text[:120])  # a close reason is at most 123 bytes
+        # A close reason is at most 123 bytes of UTF-8 (not characters: a bad value quoted in
+        # the text may be non-ASCII, or a lone surrogate, which "replace" turns into "?").
+        reason = text.encode("utf-8", "replace")[:120].decode("utf-8", "ignore")
+        await websocket.close(code=code, reason=reason)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client is gone already; nothing to tell it
 
