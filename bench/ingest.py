@@ -27,6 +27,7 @@ def step_frames(run_id: str, seq: int, step: int, rng: random.Random) -> list[di
             v = rng.random()
             cells = {"layer": f"layer{i}", "param": param, "kind": kind, "nonfinite": 0, "numel": 4096}
             cells["update_ratio"] = v * 1e-3 if kind == "weight" else None
+            cells["sat_frac"] = None  # what the client sends for a Linear: it has no saturating tails
             stats.append([cells.get(column, v) for column in wire.LAYER_STAT_COLUMNS])
             hists.append([f"layer{i}", param, kind, -v, v, [rng.randrange(200) for _ in range(wire.HIST_BINS)]])
     return [

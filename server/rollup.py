@@ -1,0 +1,302 @@
+"""Step-bucket rollups: how a whole-run query on a 100k-step run reads thousands of rows, not millions.
+
+A rollup row summarizes one series (a scalar key; a layer's param and kind)
+over one bucket of `level` steps, bucket b holding steps [b * level, (b + 1) *
+level), for each level of LEVELS. What a row keeps is what the downsampled
+queries show, and composes across buckets: a MIN, a MAX, a first or last step.
+
+Ingest keeps them current (`roll_up`, in the batch's transaction): a bucket is
+written once it is *complete*, i.e. once a later step of the run (of the key,
+for scalars) is stored, and written again if a late or re-sent value lands in
+a complete bucket. Each level is computed in SQL from the level below (level 4
+from the exact rows), so a step costs about one extra row read per series and
+a third of a row written, however long the run.
+
+Queries (`cells`) cover a step range with whole complete buckets of the
+coarsest level that fits, the ragged edges and the incomplete tail with finer
+levels, and what no level covers with the exact rows; every piece is grouped
+by the same output bucket and merged. The answer is the one a GROUP BY over
+the exact rows gives (tests/test_rollup.py checks it on random data), because
+the same SQL aggregates build it. `plan` rounds a wanted bucket width to one
+the levels serve: between half and all of the points asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table, and_, func, insert, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from client_hook import wire
+from server.tables import Histogram, HistogramRollup, LayerStat, LayerStatRollup, Scalar, ScalarRollup
+
+# Powers of 4: a wanted width w is served by a level within 2x of it (see `plan`), so a
+# query reads at most ~2 rollup rows per point it returns. 65536 covers 100M-step runs
+# at ~1,500 points; levels are cheap (level L writes a row per series every L steps).
+FANOUT = 4
+LEVELS: tuple[int, ...] = tuple(FANOUT**i for i in range(1, 9))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One rolled-up table: its exact rows, its rollup, and what a rollup row keeps.
+
+    `aggregates` are (rollup column, exact column, "min" | "max"); `series` the
+    columns that name a series; `partition` the series columns whose newest step
+    decides completeness (none: the run's newest step).
+    """
+
+    source: Table
+    rollup: Table
+    series: tuple[str, ...]
+    partition: tuple[str, ...]
+    aggregates: tuple[tuple[str, str, str], ...]
+
+
+# The layer statistics a rollup keeps the extreme of: all the heatmap can show.
+STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio", "sat_frac")
+
+
+def _extremes(names: Iterable[str]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((name, name, "min" if name == "min" else "max") for name in names)
+
+
+LAYER_STATS = Spec(
+    source=LayerStat.__table__,
+    rollup=LayerStatRollup.__table__,
+    series=("kind", "layer", "param"),
+    partition=(),
+    aggregates=(("first_step", "step", "min"), *_extremes(STATS)),
+)
+HISTOGRAMS = Spec(
+    source=Histogram.__table__,
+    rollup=HistogramRollup.__table__,
+    series=("layer", "param", "kind"),
+    partition=(),
+    aggregates=(("last_step", "step", "max"),),
+)
+SCALARS = Spec(
+    source=Scalar.__table__,
+    rollup=ScalarRollup.__table__,
+    series=("key",),
+    partition=("key",),
+    aggregates=(("first_step", "step", "min"), ("last_step", "step", "max"), ("low", "value", "min"),
+                ("high", "value", "max")),
+)  # fmt: skip
+SPECS: tuple[Spec, ...] = (LAYER_STATS, HISTOGRAMS, SCALARS)
+
+_FUNCTIONS = {"min": func.min, "max": func.max}
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan(width: int) -> tuple[int, int | None]:
+    """(bucket width, rollup level) for a wanted width: the level's own width when it is
+    at most 2x the wanted one, else the wanted width rounded up to a multiple of the
+    largest level below it. Width 1 (full resolution) reads exact rows: level None."""
+    if width <= 1:
+        return 1, None
+    above = [level for level in LEVELS if level >= width]
+    if above and above[0] <= 2 * width:
+        return above[0], above[0]
+    level = max(level for level in LEVELS if level <= width)
+    return level * -(-width // level), level
+
+
+def newest_step(session: Session, spec: Spec, run_id: str, partition: dict[str, Any]) -> int | None:
+    """The newest stored step of a run (of one key, for scalars): MAX on the primary key, no scan."""
+    table = spec.source
+    where = [table.c.run_id == run_id, *(table.c[name] == partition[name] for name in spec.partition)]
+    return session.scalar(select(func.max(table.c.step)).where(*where))
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def roll_up(
+    session: Session, spec: Spec, *, run_id: str, partition: dict[str, Any], steps: set[int], previous: int | None
+) -> None:
+    """Bring the rollup of one run (one key) up to date after a batch stored `steps`.
+
+    `previous` is the newest step stored before the batch. Buckets that became
+    complete, and complete buckets the batch wrote into, are (re)computed, each
+    level from the one below, lowest first.
+    """
+    if not steps:
+        return
+    newest = max(steps) if previous is None else max(previous, max(steps))
+    for level in LEVELS:
+        complete = newest // level  # buckets [0, complete) are complete
+        if complete == 0:
+            return  # and no higher level has a complete bucket either
+        start = min(steps) // level if previous is None else previous // level
+        buckets = set(range(start, complete)) | {s // level for s in steps if s // level < complete}
+        for first, last in _runs(buckets):
+            _compute(session, spec, run_id=run_id, partition=partition, level=level, first=first, last=last)
+
+
+def rebuild(session: Session, *, run_id: str) -> None:
+    """Every complete bucket of one run, from its exact rows (a database from before the rollups)."""
+    for spec in SPECS:
+        partitions = [()] if not spec.partition else session.execute(
+            select(*(spec.source.c[name] for name in spec.partition)).where(spec.source.c.run_id == run_id).distinct()
+        ).all()  # fmt: skip
+        for values in partitions:
+            partition = dict(zip(spec.partition, values, strict=True))
+            newest = newest_step(session, spec, run_id, partition)
+            if newest is None:
+                continue
+            for level in LEVELS:
+                if newest // level:
+                    _compute(session, spec, run_id=run_id, partition=partition, level=level, first=0,
+                             last=newest // level)  # fmt: skip
+
+
+def _runs(buckets: set[int]) -> list[tuple[int, int]]:
+    """Sorted bucket numbers as half-open [first, last) runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for b in sorted(buckets):
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1)
+        else:
+            out.append((b, b + 1))
+    return out
+
+
+def _compute(
+    session: Session, spec: Spec, *, run_id: str, partition: dict[str, Any], level: int, first: int, last: int
+) -> None:
+    """Write buckets [first, last) of one level, replacing what was there: one INSERT ... SELECT."""
+    if level == LEVELS[0]:  # from the exact rows
+        table = spec.source
+        where = [table.c.step >= first * level, table.c.step < last * level]
+        bucket = table.c.step // level
+        values = [_FUNCTIONS[fn](table.c[exact]) for _, exact, fn in spec.aggregates]
+    else:  # from the level below: FANOUT of its buckets make one of these
+        table = spec.rollup
+        child = level // FANOUT
+        where = [table.c.level == child, table.c.bucket >= first * FANOUT, table.c.bucket < last * FANOUT]
+        bucket = table.c.bucket // FANOUT
+        values = [_FUNCTIONS[fn](table.c[name]) for name, _, fn in spec.aggregates]
+    where += [table.c.run_id == run_id, *(table.c[name] == partition[name] for name in spec.partition)]
+    series = [table.c[name] for name in spec.series]
+    query = select(literal(run_id), literal(level), bucket, *series, *values).where(*where).group_by(bucket, *series)
+    names = ["run_id", "level", "bucket", *spec.series, *(rollup_column for rollup_column, _, _ in spec.aggregates)]
+    _upsert_from(session, spec.rollup, names, query)
+
+
+def _upsert_from(session: Session, table: Table, names: list[str], query: Any) -> None:
+    """INSERT ... SELECT that replaces rows whose key exists (SQLite and PostgreSQL share the form)."""
+    keys = [c.name for c in table.primary_key.columns]
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        stmt = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table).from_select(names, query)
+        # (SQLite parses an upsert after INSERT ... SELECT only when the SELECT has a WHERE; ours always has.)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=keys, set_={name: stmt.excluded[name] for name in names if name not in keys}
+        )
+        session.execute(stmt)
+    else:  # other databases: fetch, then replace row by row (slower, the same result)
+        for row in session.execute(query).all():
+            values = dict(zip(names, row, strict=True))
+            session.execute(table.delete().where(and_(*(table.c[k] == values[k] for k in keys))))
+            session.execute(insert(table).values(values))
+
+
+# ---------------------------------------------------------------- queries
+
+
+def cells(
+    session: Session,
+    spec: Spec,
+    *,
+    run_id: str,
+    where: dict[str, Any],
+    aggregates: tuple[str, ...],
+    first: int,
+    last: int,
+    width: int,
+    level: int | None,
+) -> dict[tuple[Any, ...], list[Any]]:
+    """{(output bucket, *series): [aggregate, ...]} over steps [first, last], buckets of `width` steps.
+
+    `where` pins series columns (e.g. kind, or layer/param/kind); `aggregates`
+    names rollup columns of `spec`. With `level` None, only exact rows are read
+    (the reference answer, and full resolution); otherwise whole complete
+    buckets of `level` and below are read from the rollup.
+    """
+    chosen = [a for a in spec.aggregates if a[0] in aggregates]
+    newest = None
+    if level is not None:
+        newest = newest_step(session, spec, run_id, {name: where[name] for name in spec.partition})
+    levels = [] if level is None or newest is None else [x for x in LEVELS if x <= level][::-1]
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for piece in _pieces(first, last + 1, levels, newest):
+        for row in session.execute(_piece_query(spec, run_id, where, chosen, width, piece)):
+            key, values = tuple(row[: 1 + len(spec.series)]), list(row[1 + len(spec.series) :])
+            seen = merged.get(key)
+            merged[key] = values if seen is None else [_merge(fn, a, b) for (*_, fn), a, b in zip(chosen, seen, values)]
+    return merged
+
+
+def _merge(fn: str, a: Any, b: Any) -> Any:
+    """MIN/MAX of two partial aggregates as SQL has them: NULL only when both are NULL, and
+    NaN (which PostgreSQL keeps; SQLite stores it as NULL) above every number."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a != a or b != b:  # NaN
+        nan, other = (a, b) if a != a else (b, a)
+        return nan if fn == "max" else other
+    return min(a, b) if fn == "min" else max(a, b)
+
+
+def _pieces(lo: int, hi: int, levels: list[int], newest: int | None) -> list[tuple[int | None, int, int]]:
+    """Steps [lo, hi) as pieces: (level, first bucket, last bucket) of whole complete buckets
+    (coarsest first), and (None, first step, end step) for the exact rows left over."""
+    pieces: list[tuple[int | None, int, int]] = []
+    todo = [(lo, hi, 0)]
+    while todo:
+        a, b, i = todo.pop()
+        if a >= b:
+            continue
+        if i == len(levels) or newest is None:
+            pieces.append((None, a, b))
+            continue
+        level = levels[i]
+        first = -(-a // level)
+        last = min(b, (newest // level) * level) // level  # complete buckets only
+        if first >= last:
+            todo.append((a, b, i + 1))
+            continue
+        pieces.append((level, first, last))
+        todo += [(a, first * level, i + 1), (last * level, b, i + 1)]
+    return pieces
+
+
+def _piece_query(
+    spec: Spec,
+    run_id: str,
+    where: dict[str, Any],
+    aggregates: list[tuple[str, str, str]],
+    width: int,
+    piece: tuple[int | None, int, int],
+) -> Any:
+    level, first, last = piece
+    if level is None:
+        table = spec.source
+        bucket = table.c.step // width
+        bounds = [table.c.step >= first, table.c.step < last]
+        values = [_FUNCTIONS[fn](table.c[exact]) for _, exact, fn in aggregates]
+    else:
+        table = spec.rollup
+        bucket = table.c.bucket // (width // level)  # width is a multiple of every level at or below the plan's
+        bounds = [table.c.level == level, table.c.bucket >= first, table.c.bucket < last]
+        values = [_FUNCTIONS[fn](table.c[name]) for name, _, fn in aggregates]
+    series = [table.c[name] for name in spec.series]
+    filters = [table.c.run_id == run_id, *(table.c[name] == value for name, value in where.items()), *bounds]
+    return select(bucket, *series, *values).where(*filters).group_by(bucket, *series)
