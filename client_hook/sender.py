@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -147,6 +148,7 @@ class Sender:
         self.connected = False
         self._warned: set[str] = set()
         self._alerts_seen: set[tuple[str, str | None, str]] = set()
+        self._pid = os.getpid()  # a forked child (a DataLoader worker) shares the socket but not this thread
         self._thread = threading.Thread(target=self._run, name="layerwatch-sender", daemon=True)
         self._thread.start()
 
@@ -166,6 +168,8 @@ class Sender:
         Frames still undelivered then are written to the spool (as far as its cap
         allows) and stay there; one warning says how many, which steps, and where.
         """
+        if os.getpid() != self._pid:
+            return 0  # a forked child: the parent's run and socket are the parent's to close
         self._closing.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -261,7 +265,6 @@ class Sender:
                 if kind == "run_end":
                     fields = self._with_drops(fields)
                 self._number(kind, step, fields)
-        self._bound_memory()
         return True
 
     def _number(self, kind: str, step: int, fields: dict[str, Any]) -> None:
@@ -271,7 +274,15 @@ class Sender:
         if kind == "run_start":
             self._run_start = entry
         self._latest_step = max(self._latest_step, step)
-        self._pending[seq] = entry
+        self._hold(entry)
+
+    def _hold(self, entry: Entry) -> None:
+        """Keep `entry` in memory; if it would not fit, make room first, so the caps hold at every moment."""
+        if self._pending_bytes + entry.size > self._max_memory_bytes or len(self._pending) + 1 > self._max_pending:
+            if not self._spill(entry):
+                self._shed(entry)
+            return
+        self._pending[entry.seq] = entry
         self._pending_bytes += entry.size
 
     def _with_drops(self, fields: dict[str, Any]) -> dict[str, Any]:
@@ -291,48 +302,60 @@ class Sender:
         if due or (drops_changed and now >= self._drops_reported_at + DROPS_REPORT_MIN_S):
             self._next_heartbeat = now + self._heartbeat_s
             self._number("heartbeat", self._latest_step, self._with_drops({"time": time.time()}))
-            self._bound_memory()
 
-    def _bound_memory(self) -> None:
-        """Keep memory under its caps: the oldest frames go to the spool, or are dropped without one."""
-        if self._pending_bytes <= self._max_memory_bytes and len(self._pending) <= self._max_pending:
-            return
-        if self._spool is not None and self._spool.writable:
-            # Spill down to half the caps: fewer, larger writes while the server stays away.
-            spill, size, count = [], self._pending_bytes, len(self._pending)
-            for entry in self._pending.values():
-                if size <= self._max_memory_bytes // 2 and count <= self._max_pending // 2:
-                    break
-                spill.append(entry)
-                size -= entry.size
-                count -= 1
-            try:
-                self._spool.append(spill)
-            except OSError as exc:
-                log.warning(
-                    "layerwatch: cannot write the spool at %s (%s); frames beyond memory are dropped",
-                    self.spool_path,
-                    exc,
-                )
-            else:
-                for entry in spill:
-                    del self._pending[entry.seq]
-                self._pending_bytes -= sum(e.size for e in spill)
-                return
-        self._shed_memory()
+    def _spill(self, incoming: Entry) -> bool:
+        """Move the oldest frames (`incoming` counts as the newest) to the spool, down to half the caps.
 
-    def _shed_memory(self) -> None:
-        """Without a spool: drop the oldest frames in memory, cheapest class first, to 3/4 of the caps."""
-        # Down to 3/4, not just under: each shedding pass walks the whole buffer once per class.
+        Half, not just under: fewer, larger writes while the server stays away.
+        False, with nothing changed, when there is no spool to write to.
+        """
+        if self._spool is None or not self._spool.writable:
+            return False
+        spill, size, count = [], self._pending_bytes + incoming.size, len(self._pending) + 1
+        for entry in itertools.chain(self._pending.values(), [incoming]):
+            if size <= self._max_memory_bytes // 2 and count <= self._max_pending // 2:
+                break
+            spill.append(entry)
+            size -= entry.size
+            count -= 1
+        try:
+            self._spool.append(spill)
+        except OSError as exc:
+            log.warning(
+                "layerwatch: cannot write the spool at %s (%s); frames beyond memory are dropped", self.spool_path, exc
+            )
+            return False
+        with self._lock:
+            for entry in spill:
+                if self._pending.pop(entry.seq, None) is not None:
+                    self._pending_bytes -= entry.size
+            if not spill or spill[-1] is not incoming:
+                self._pending[incoming.seq] = incoming
+                self._pending_bytes += incoming.size
+        return True
+
+    def _shed(self, incoming: Entry) -> None:
+        """Without a spool: drop the oldest frames, cheapest class first (`incoming` the newest), to 3/4 of the caps."""
+        # Down to 3/4, not just under: each pass walks the whole buffer once per class.
         max_bytes, max_frames = self._max_memory_bytes * 3 // 4, self._max_pending * 3 // 4
+        size, count, keep_incoming = self._pending_bytes + incoming.size, len(self._pending) + 1, True
         dropped: dict[str, int] = {}
         for cls in DROP_ORDER:
-            for entry in [e for e in self._pending.values() if e.cls == cls]:
-                if self._pending_bytes <= max_bytes and len(self._pending) <= max_frames:
+            victims = [e for e in self._pending.values() if e.cls == cls] + ([incoming] if incoming.cls == cls else [])
+            for entry in victims:
+                if size <= max_bytes and count <= max_frames:
                     break
-                del self._pending[entry.seq]
-                self._pending_bytes -= entry.size
+                if entry is incoming:
+                    keep_incoming = False
+                else:
+                    del self._pending[entry.seq]
+                    self._pending_bytes -= entry.size
+                size -= entry.size
+                count -= 1
                 dropped[cls] = dropped.get(cls, 0) + 1
+        if keep_incoming:
+            self._pending[incoming.seq] = incoming
+            self._pending_bytes += incoming.size
         if dropped:
             self._count_drops(dropped, f"memory is full ({self._max_memory_bytes} bytes) and there is no spool")
 
