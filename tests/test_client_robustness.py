@@ -1,0 +1,208 @@
+"""The client survives how people really train: eval loops, torch.compile, DataParallel, forked loader workers,
+dtype changes after attach, and the spool in use, without raising, inventing steps or changing the numerics.
+
+Real trainings against one real `layerwatch serve` process for the module (each test its own run).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from client_hook import monitor
+from tests.serving import free_port, serve
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve(tmp_path_factory.mktemp("robust") / "lw.db") as url:
+        yield url
+
+
+def make(seed: int = 0) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, mon: monitor.Monitor | None, x: torch.Tensor, y: torch.Tensor):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if mon is not None:
+        mon.log(loss=loss, targets=y)
+    return loss
+
+
+def batch(g: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(16, 8, generator=g).to(dtype), torch.randint(0, 4, (16,), generator=g)
+
+
+def get(url: str, run_id: str, what: str = "", **params: str) -> dict:
+    response = httpx.get(f"{url}/api/runs/{run_id}{'/' + what if what else ''}", params=params)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_no_grad_eval_loops_between_steps_make_no_stats_and_no_steps(url: str) -> None:
+    model, opt = make()
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        step(model, opt, mon, *batch(g))
+        with torch.no_grad():  # a validation pass on inputs no training batch looks like
+            model.eval()
+            for _ in range(3):
+                model(torch.full((4, 8), 1000.0))
+            model.train()
+    assert mon.step == 6
+    mon.close()
+    assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(6))
+    acts = get(url, mon.run_id, "layer_stats", layer="0", param="output", kind="activation")
+    assert acts["steps"] == list(range(6))
+    assert max(acts["max"]) < 100  # the training forward's, never the eval pass's (~1000s)
+    run = get(url, mon.run_id)
+    assert run["last_step"] == 5 and run["status"] == "finished"
+
+
+def test_torch_compile_after_attach_trains_and_steps_arrive(url: str) -> None:
+    model, opt = make(1)
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
+    compiled = torch.compile(model, backend="eager")
+    g = torch.Generator().manual_seed(1)
+    losses = [step(compiled, opt, mon, *batch(g)).item() for _ in range(5)]
+    mon.close()
+    loss = get(url, mon.run_id, "scalars", key="loss")
+    assert loss["steps"] == list(range(5))
+    assert loss["values"] == pytest.approx(losses, rel=1e-6)
+    torch._dynamo.reset()
+
+
+def test_data_parallel_wrapper_trains_and_steps_arrive(url: str) -> None:
+    model, opt = make(2)
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
+    wrapped = nn.DataParallel(model)  # no GPU: it calls the module itself
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        step(wrapped, opt, mon, *batch(g))
+    mon.close()
+    assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(5))
+    grads = get(url, mon.run_id, "layer_stats", layer="2", param="weight", kind="grad")
+    assert grads["steps"] == list(range(5))
+    assert grads["norm"][-1] > 0
+
+
+class Probe(Dataset):
+    """Random samples that also say whether a layerwatch sender thread runs in the process serving them."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x, self.y = torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sender_here = any(t.name == "layerwatch-sender" and t.is_alive() for t in threading.enumerate())
+        return self.x[i], self.y[i], torch.tensor(sender_here)
+
+
+def test_forked_dataloader_workers_send_nothing_and_training_exits_cleanly(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, opt = make(3)
+    mon = monitor.attach(model, opt, server=url, every=2, close_timeout=30)
+
+    def worker_touches_monitor(worker_id: int) -> None:
+        # A worker inherits the monitor: logging there, even closing it, must reach nothing of the parent's.
+        mon.log(from_worker=float(worker_id))
+        mon.close()
+
+    loader = DataLoader(
+        Probe(64),
+        batch_size=16,
+        num_workers=2,
+        multiprocessing_context="fork",
+        worker_init_fn=worker_touches_monitor,
+    )
+    flags = []
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        for _epoch in range(2):  # workers start and exit each epoch
+            for x, y, sender_in_worker in loader:
+                step(model, opt, mon, x, y)
+                flags += sender_in_worker.tolist()
+        assert mon.status()["connected"]
+        mon.close()
+    assert len(flags) == 128 and not any(flags)  # no sender thread survives a fork
+    assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(8))
+    assert get(url, mon.run_id, "scalars", key="from_worker")["steps"] == []
+    assert get(url, mon.run_id)["status"] == "finished" and mon.status()["dropped"] == {}
+    assert "connection to" not in caplog.text  # no worker closed the parent's socket
+
+
+def test_model_moved_to_double_after_attach_keeps_training(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    model, opt = make(4)
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
+    g = torch.Generator().manual_seed(4)
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        for _ in range(3):
+            step(model, opt, mon, *batch(g))
+        model.double()  # parameters change dtype in place; the optimizer keeps them
+        for _ in range(3):
+            step(model, opt, mon, *batch(g, torch.float64))
+        mon.close()
+    assert model[0].weight.dtype == torch.float64
+    assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(6))
+    weights = get(url, mon.run_id, "layer_stats", layer="0", param="weight", kind="weight")
+    assert weights["steps"][:3] == [0, 1, 2]
+    if 5 in weights["steps"]:  # quiet or correct: if it still reports, the numbers are the model's
+        assert weights["norm"][-1] == pytest.approx(model[0].weight.norm().item(), rel=1e-5)
+
+
+def test_bit_identical_weights_with_the_spool_in_use(tmp_path: Path) -> None:
+    def run(with_monitor: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        model, opt = make(5)
+        mon = None
+        if with_monitor:
+            mon = monitor.attach(
+                model,
+                opt,
+                server=f"http://127.0.0.1:{free_port()}",  # nobody there: everything goes to the spool
+                every=1,
+                close_timeout=0.2,
+                spool_dir=tmp_path / "spool",
+                max_memory_bytes=4_000,
+                spool_max_bytes=100_000,
+            )
+        g = torch.Generator().manual_seed(5)
+        for _ in range(40):
+            step(model, opt, mon, *batch(g))
+            torch.rand(1)  # the global RNG must be left alone too
+        spooled = 0
+        if mon is not None:
+            deadline = time.monotonic() + 20
+            while mon._sender._queue and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)
+            spooled = len(list((tmp_path / "spool" / mon.run_id).glob("*.jsonl")))
+            mon.close()
+        return model.state_dict(), torch.get_rng_state(), spooled
+
+    plain, plain_rng, _ = run(False)
+    watched, watched_rng, spooled = run(True)
+    assert spooled > 0  # the spool was really used
+    assert plain.keys() == watched.keys()
+    for key, value in plain.items():
+        assert torch.equal(value, watched[key]), key
+    assert torch.equal(plain_rng, watched_rng)
