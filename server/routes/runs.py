@@ -50,12 +50,15 @@ def get_run_or_404(session: SessionDep, run_id: str) -> store.RunInfo:
 
 
 RunDep = Annotated[store.RunInfo, Depends(get_run_or_404)]
+# Documented on every route that takes a run id, so the OpenAPI page lists the 404 it can answer.
+RUN_NOT_FOUND: dict[int | str, dict] = {404: {"description": "No run with this id"}}
 
 # A step window and a point budget, shared by every series endpoint: the defaults
 # show a whole run in ~2000 points per trace (spikes kept); a zoomed-in window
 # short enough for the budget comes back at full resolution.
-StartQuery = Annotated[int | None, Query(description="first step (inclusive)")]
-EndQuery = Annotated[int | None, Query(description="last step (inclusive)")]
+# Steps are stored as 64-bit integers: a bound past that range is a 422, not a database overflow.
+StartQuery = Annotated[int | None, Query(ge=0, le=wire.MAX_COUNT, description="first step (inclusive)")]
+EndQuery = Annotated[int | None, Query(ge=0, le=wire.MAX_COUNT, description="last step (inclusive)")]
 MaxPointsQuery = Annotated[
     int, Query(ge=1, le=1_000_000, description="at most this many points per trace; longer ranges are bucketed")
 ]
@@ -73,7 +76,7 @@ def list_runs(session: SessionDep, project: str | None = None, name: str | None 
     return [RunPublic.model_validate(run) for run in store.list_runs(session, project=project, name=name)]
 
 
-@router.get("/runs/{run_id}")
+@router.get("/runs/{run_id}", responses=RUN_NOT_FOUND)
 def get_run(session: SessionDep, run: RunDep) -> RunDetail:
     """One run with its model description and what series it has recorded (in forward order)."""
     series = store.run_series(session, run_id=run.id, model=run.model)
@@ -89,7 +92,7 @@ def get_run(session: SessionDep, run: RunDep) -> RunDetail:
     )
 
 
-@router.get("/runs/{run_id}/scalars")
+@router.get("/runs/{run_id}/scalars", responses=RUN_NOT_FOUND)
 def scalars(
     session: SessionDep,
     run: RunDep,
@@ -106,7 +109,7 @@ def scalars(
     return ScalarSeriesPublic(key=key, steps=steps, values=values)
 
 
-@router.get("/runs/{run_id}/heatmap")
+@router.get("/runs/{run_id}/heatmap", responses=RUN_NOT_FOUND)
 def heatmap(
     session: SessionDep,
     run: RunDep,
@@ -136,7 +139,7 @@ def heatmap(
     )
 
 
-@router.get("/runs/{run_id}/layer_stats")
+@router.get("/runs/{run_id}/layer_stats", responses=RUN_NOT_FOUND)
 def layer_stats(
     session: SessionDep,
     run: RunDep,
@@ -154,7 +157,7 @@ def layer_stats(
     return LayerSeriesPublic(**series)
 
 
-@router.get("/runs/{run_id}/histograms")
+@router.get("/runs/{run_id}/histograms", responses=RUN_NOT_FOUND)
 def histograms(
     session: SessionDep,
     run: RunDep,
@@ -175,7 +178,7 @@ def histograms(
     return HistogramSeriesPublic(**series)
 
 
-@router.get("/runs/{run_id}/alerts")
+@router.get("/runs/{run_id}/alerts", responses=RUN_NOT_FOUND)
 def alerts(session: SessionDep, run: RunDep) -> list[AlertPublic]:
     """The run's alerts in the order they first fired; `step` is the first step, `last_step` the latest."""
     return [
