@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import socket
 from typing import Any
 
 from fastapi import HTTPException, Request, WebSocket, status
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Open even when a token is set: start-up checks and load balancers poll it.
 OPEN_PATHS = frozenset({"/api/health"})
@@ -89,54 +87,6 @@ def websocket_token_problem(websocket: WebSocket, expected: str | None) -> str |
     if offered is None:
         offered = websocket.query_params.get("token")
     return token_problem(offered, expected)
-
-
-class HealthSaysAuth:
-    """ASGI middleware for a server with a token: adds `"auth": "token"` to /api/health's JSON body.
-
-    The health route lives with the other run routes (server/routes/runs.py) and knows nothing of
-    settings; a server without a token leaves its body as it is (no `auth` key: nothing asked).
-    Only that one small response is held back and rewritten; everything else passes straight on.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        body = bytearray()
-
-        async def send_with_auth(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message  # held back: the length changes
-                return
-            if message["type"] != "http.response.body" or start is None:
-                await send(message)
-                return
-            body.extend(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            payload = _with_auth(bytes(body)) if start["status"] == 200 else bytes(body)
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(payload)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": payload})
-
-        await self.app(scope, receive, send_with_auth)
-
-
-def _with_auth(body: bytes) -> bytes:
-    try:
-        payload: Any = json.loads(body)
-    except ValueError:
-        return body  # not the JSON we expect: pass it on untouched
-    if not isinstance(payload, dict):
-        return body
-    return json.dumps({**payload, "auth": "token"}).encode()
 
 
 def is_loopback(host: str) -> bool:

@@ -9,7 +9,7 @@ for the dashboard to break).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
@@ -133,3 +133,5 @@ class HealthPublic(BaseModel):
     status: str
     version: str
     protocol: int
+    # "token" when /api and the websockets want `Authorization: Bearer` (this endpoint never does).
+    auth: Literal["token"] | None = None

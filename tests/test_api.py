@@ -45,7 +45,8 @@ def api(client: TestClient, run_frames: Any) -> TestClient:
 
 
 def test_health_says_who_answers(client: TestClient) -> None:
-    assert client.get("/api/health").json() == {"status": "ok", "version": "0.1.0", "protocol": wire.PROTOCOL_VERSION}
+    health = client.get("/api/health").json()
+    assert health == {"status": "ok", "version": "0.1.0", "protocol": wire.PROTOCOL_VERSION, "auth": None}
 
 
 def test_runs_is_a_bare_list_of_runs(api: TestClient) -> None:

@@ -65,9 +65,10 @@ MaxPointsQuery = Annotated[
 
 
 @router.get("/health")
-def health() -> HealthPublic:
-    """Whether a layerwatch server answers here, and which wire protocol it speaks."""
-    return HealthPublic(status="ok", version=__version__, protocol=wire.PROTOCOL_VERSION)
+def health(request: Request) -> HealthPublic:
+    """Whether a layerwatch server answers here, which wire protocol it speaks, and whether it wants a token."""
+    auth = "token" if request.app.state.settings.token is not None else None
+    return HealthPublic(status="ok", version=__version__, protocol=wire.PROTOCOL_VERSION, auth=auth)
 
 
 @router.get("/runs")
