@@ -109,6 +109,10 @@ function renderHeader() {
     setText("run-optimizer", "none given");
   }
   setText("run-every", run.every ? `${run.every} step${run.every === 1 ? "" : "s"}` : null);
+  // Shown only when the client had to drop frames: where the record has gaps.
+  const dropped = Object.entries(run.dropped || {});
+  $("run-dropped-fact").hidden = dropped.length === 0;
+  setText("run-dropped", dropped.map(([what, n]) => `${n} ${what}`).join(", "));
   $("run-alert-counts").replaceChildren(alertCounts(run.alert_counts));
   document.title = `${run.name} · layerwatch`;
   const back = el("a", { text: "runs" });

@@ -252,6 +252,12 @@ def test_live_updates_without_reload(probe, client_for):
     page.wait_for_function(f"{trace_len('heatmap-main')} === 8")
     page.wait_for_function("document.getElementById('run-step').textContent === '7'")
 
+    # The client's drop counts (its spool overflowed) show as a gap in the record, live.
+    assert page.locator("#run-dropped-fact").is_hidden()
+    client.send([("heartbeat", 7, {"time": time.time(), "dropped": {"histograms": 12}})])
+    page.wait_for_function("document.getElementById('run-dropped').textContent === '12 histograms'")
+    assert page.locator("#run-dropped-fact").is_visible()
+
     client.send([("run_end", 7, {"status": "finished", "time": time.time()})])
     page.wait_for_function("document.getElementById('run-status').textContent === 'finished'")
     page.wait_for_function("document.getElementById('live-indicator').textContent.includes('run finished')")
