@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -143,7 +144,9 @@ def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype not in (torch.float32, torch.float64) else x
 
 
-def _summarize_rows(matrix: torch.Tensor, numels: list[int], bins: int) -> torch.Tensor:
+def _summarize_rows(
+    matrix: torch.Tensor, numels: list[int], bins: int, numel_of_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summary rows of each row of `matrix` [k, L], whose row i holds numels[i] elements then NaN padding.
 
     Every reduction is along dim 1: about twenty passes over the matrix and a
@@ -153,7 +156,8 @@ def _summarize_rows(matrix: torch.Tensor, numels: list[int], bins: int) -> torch
     """
     k, width = matrix.shape
     device, dtype = matrix.device, matrix.dtype
-    numel = torch.tensor(numels, dtype=dtype, device=device)  # host list -> device: no sync
+    # A host list -> CUDA tensor is a blocking copy: summarize_subsets passes its cached copy.
+    numel = torch.tensor(numels, dtype=dtype, device=device) if numel_of_rows is None else numel_of_rows.to(dtype)
     # Three [k, L] buffers, reused in place: on the CPU a fresh buffer of this size is a
     # fresh mmap whose page faults cost more than the arithmetic done in it.
     # bad: 1.0 where an element is NaN/Inf (or padding), 0.0 where finite (x - x is NaN exactly there).
@@ -184,7 +188,11 @@ def _summarize_rows(matrix: torch.Tensor, numels: list[int], bins: int) -> torch
     index = torch.sub(filled, low[:, None], out=scratch).mul_(scale[:, None]).floor_().clamp_(0, bins - 1)  # 15-18
     index = torch.maximum(index, bad.mul_(bins), out=scratch)  # passes 19-20: non-finite -> the dropped bin
     index.add_(torch.arange(k, dtype=dtype, device=device)[:, None] * (bins + 1))  # pass 21: row offsets
-    counts = torch.bincount(index.reshape(-1).long(), minlength=k * (bins + 1)).reshape(k, bins + 1)  # 22-23
+    # scatter_add_ into a fixed size, not bincount: CUDA's bincount reads the max index on the host (a sync).
+    flat_index = index.reshape(-1).long()  # pass 22
+    ones = torch.ones((), dtype=torch.int64, device=device).expand(flat_index.numel())
+    counts = torch.zeros(k * (bins + 1), dtype=torch.int64, device=device).scatter_add_(0, flat_index, ones)
+    counts = counts.reshape(k, bins + 1)  # pass 23
     nan = torch.full((), float("nan"), dtype=dtype, device=device)
     moments = torch.where(has_finite[:, None], torch.stack([mean, std, rms, norm, lo, hi], dim=1), nan)
     stats = torch.cat([moments, torch.stack([nonfinite, zero_frac, numel], dim=1), moments[:, 4:6]], dim=1)
@@ -255,34 +263,46 @@ def summarize_subsets(
     flat = torch.cat([p.reshape(-1) for p in parts])
     flat = _stat_dtype(flat)
     padded = torch.cat([flat, torch.full((1,), float("nan"), dtype=flat.dtype, device=device)])
-    index = _padding_index(tuple(lengths), device)
-    matrix = padded.index_select(0, index.reshape(-1)).view(index.shape)  # faster than padded[index] on CPU
-    matrix = _summarize_rows(matrix, lengths, bins)
+    layout = _layout(tuple(lengths), tuple(numels), device)
+    matrix = padded.index_select(0, layout.index.reshape(-1)).view(layout.index.shape)  # faster than [index]
+    matrix = _summarize_rows(matrix, lengths, bins, layout.lengths)
     if all(n == t for n, t in zip(lengths, numels)):
         return matrix  # every tensor taken whole: the rows are exact
-    return _scale_to_tensors(matrix, lengths, numels, norms)
+    return _scale_to_tensors(matrix, layout, norms)
+
+
+class _Layout(NamedTuple):
+    """What summarize_subsets needs to know about a list of parts, on their device."""
+
+    index: torch.Tensor  # [k, widest]: positions in the concatenated parts; padding -> the NaN slot past them
+    lengths: torch.Tensor  # elements in each part
+    numels: torch.Tensor  # elements in each part's whole tensor
+    sampled: torch.Tensor  # the part is a true subset
+    scale: torch.Tensor  # numels / lengths
 
 
 @functools.lru_cache(maxsize=16)
-def _padding_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[k, max(lengths)] positions in the concatenated parts; padding points at the NaN slot past them.
-    Built once per model layout and device (every sample of a run has the same lengths)."""
+def _layout(lengths: tuple[int, ...], numels: tuple[int, ...], device: torch.device) -> _Layout:
+    """Built once per model layout and device: every sample of a run has the same parts, and a
+    host -> CUDA copy of these small tensors at each sample would be a blocking copy (a sync)."""
     width = max(max(lengths), 1)
     starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1])[:, None]
     columns = torch.arange(width)[None, :]
-    inside = columns < torch.tensor(lengths)[:, None]
-    return torch.where(inside, starts + columns, sum(lengths)).to(device)
+    index = torch.where(columns < torch.tensor(lengths)[:, None], starts + columns, sum(lengths))
+    f64 = torch.float64
+    return _Layout(
+        index=index.to(device),
+        lengths=torch.tensor(lengths, dtype=f64).to(device),
+        numels=torch.tensor(numels, dtype=f64).to(device),
+        sampled=torch.tensor([n != t for n, t in zip(lengths, numels)]).to(device),
+        scale=torch.tensor([t / max(n, 1) for n, t in zip(lengths, numels)], dtype=f64).to(device),
+    )
 
 
-def _scale_to_tensors(
-    matrix: torch.Tensor, lengths: list[int], numels: list[int], norms: torch.Tensor | None
-) -> torch.Tensor:
+def _scale_to_tensors(matrix: torch.Tensor, layout: _Layout, norms: torch.Tensor | None) -> torch.Tensor:
     """Rows of subsets -> rows of their whole tensors (see `summarize_subsets`); whole rows unchanged."""
-    device = matrix.device
-    sampled = torch.tensor([n != t for n, t in zip(lengths, numels)], device=device)
-    scale = torch.tensor([t / max(n, 1) for n, t in zip(lengths, numels)], dtype=torch.float64, device=device)
-    numel = torch.tensor(numels, dtype=torch.float64, device=device)
-    unknown = torch.full((len(numels),), -1.0, dtype=torch.float64, device=device)
+    device, numel, scale, sampled = matrix.device, layout.numels, layout.scale, layout.sampled
+    unknown = torch.full((len(numel),), -1.0, dtype=torch.float64, device=device)
     exact = unknown if norms is None else norms.to(device=device, dtype=torch.float64)
     known = ~(exact < 0)  # NaN (a NaN element) is known, and not clean
     clean = known & torch.isfinite(exact)  # a finite exact norm: no NaN/Inf anywhere in the tensor
