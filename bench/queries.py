@@ -2,8 +2,10 @@
 
 The run (STEPS steps of loss, LAYERS layers of gradient statistics every step,
 histograms every HIST_EVERY steps) is written straight into the SQLite file
-through the tables, then `layerwatch serve` answers the dashboard's default
-requests (downsampled to ~2000 points per trace) and a zoomed-in window.
+through the tables, its step rollups filled the way `init_db` fills those of a
+database from before them (`rollup.rebuild`), then `layerwatch serve` answers
+the dashboard's default requests (downsampled to 1000-2000 points per trace,
+from the rollups) and zoomed-in windows (full resolution, from the exact rows).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy import insert
 
 from bench._common import figure, machine, parser, percentile
 from client_hook import wire
-from server import store
+from server import rollup, store
 from server.db import init_db, make_engine, make_session_factory
 from server.tables import Histogram, LayerStat, Project, Run, Scalar
 
@@ -42,12 +44,15 @@ def build_run(url: str, *, steps: int, layers: int, hist_every: int, run_id: str
                 for i in range(layers):
                     v = rng.random()
                     rows.append({"run_id": run_id, "step": s, "layer": f"layer{i}", "param": "weight", "kind": "grad",
-                                 **{name: v for name in store.HEATMAP_STATS}})  # fmt: skip
+                                 **{name: v for name in store.HEATMAP_STATS}, "nonfinite": 0,
+                                 "numel": 4096})  # fmt: skip
             session.execute(insert(LayerStat), rows)
             counts = store.pack_counts(range(wire.HIST_BINS))
             hist = {"param": "weight", "kind": "grad", "lo": -1.0, "hi": 1.0, "counts": counts}
             session.execute(insert(Histogram), [{"run_id": run_id, "step": s, "layer": f"layer{i}", **hist}
                                                 for s in chunk if s % hist_every == 0 for i in range(layers)])  # noqa: E501 # fmt: skip
+        session.commit()
+        rollup.rebuild(session, run_id=run_id)
         session.commit()
     engine.dispose()
 
@@ -72,8 +77,13 @@ def main() -> None:
                 "heatmap (layer x step)": ("/api/runs/long/heatmap", {"kind": "grad", "stat": "norm"}, "steps"),
                 "histogram over time": ("/api/runs/long/histograms",
                                         {"layer": "layer0", "param": "weight", "kind": "grad"}, "steps"),  # fmt: skip
+                "layer series (one layer, every stat)": (
+                    "/api/runs/long/layer_stats", {"layer": "layer7", "param": "weight", "kind": "grad"}, "steps"),
                 "loss zoomed (1000 steps, full resolution)": (
                     "/api/runs/long/scalars", {"key": "loss", "start": steps // 2, "end": steps // 2 + 999}, "values"),
+                "heatmap zoomed (1000 steps, full resolution)": (
+                    "/api/runs/long/heatmap", {"kind": "grad", "stat": "norm", "start": steps // 2,
+                                               "end": steps // 2 + 999}, "steps"),
             }  # fmt: skip
             for name, (path, params, field) in queries.items():
                 times, body = [], {}

@@ -505,8 +505,8 @@ def _bucketed(
     end: int | None,
     max_points: int | None,
     use_rollup: bool,
-) -> tuple[int, dict[tuple[Any, ...], list[Any]]]:
-    """(bucket width, {(bucket, *series): aggregates}) of one series query; see `rollup.cells`.
+) -> tuple[int, list[tuple[Any, ...]]]:
+    """(bucket width, rows (bucket, *series, *aggregates)) of one series query; see `rollup.cells`.
 
     Past `max_points`, the width is rounded to one a rollup level serves (between
     half and all of `max_points` buckets); `use_rollup=False` computes the same
@@ -550,8 +550,7 @@ def scalar_series(
     )  # fmt: skip
     steps: list[int] = []
     values: list[float | None] = []
-    for bucket in sorted(found):
-        first, last, low, high = found[bucket]
+    for _, first, last, low, high in sorted(found):
         steps.append(first)
         values.append(low)
         if last != first:
@@ -589,10 +588,13 @@ def heatmap(
         session, rollup.LAYER_STATS, run_id=run_id, columns=columns, aggregates=("first_step", stat), start=start,
         end=end, max_points=max_points, use_rollup=use_rollup,
     )  # fmt: skip
+    if param is not None:  # rows come without the param they were asked for
+        found = [(bucket, layer, param, first, value) for bucket, layer, first, value in found]
     first_steps: dict[int, int] = {}  # bucket -> its first step over all rows
     cells: dict[tuple[str, str], dict[int, Any]] = defaultdict(dict)
-    for (bucket, _, layer, row_param), (first, value) in found.items():
-        first_steps[bucket] = min(first, first_steps.get(bucket, first))
+    for bucket, layer, row_param, first, value in found:  # ~80k cells for a whole run: keep this loop plain
+        if first_steps.get(bucket, first) >= first:
+            first_steps[bucket] = first
         cells[(layer, row_param)][bucket] = value
     buckets = sorted(first_steps)
     order = forward_order(model)
@@ -632,9 +634,9 @@ def layer_series(
         aggregates=("first_step", *HEATMAP_STATS), start=start, end=end, max_points=max_points,
         use_rollup=use_rollup,
     )  # fmt: skip
-    rows = [found[key] for key in sorted(found)]
-    out: dict[str, Any] = {"layer": layer, "param": param, "kind": kind, "steps": [r[0] for r in rows]}
-    for i, name in enumerate(HEATMAP_STATS, start=1):
+    rows = sorted(found)  # (bucket, first_step, *stats)
+    out: dict[str, Any] = {"layer": layer, "param": param, "kind": kind, "steps": [r[1] for r in rows]}
+    for i, name in enumerate(HEATMAP_STATS, start=2):
         out[name] = [r[i] for r in rows]
     return out
 
@@ -665,7 +667,7 @@ def histogram_series(
         session, rollup.HISTOGRAMS, run_id=run_id, columns=columns, aggregates=("last_step",), start=start, end=end,
         max_points=max_points, use_rollup=use_rollup,
     )  # fmt: skip
-    steps = sorted(last for (last,) in found.values())
+    steps = sorted(last for _, last in found)
     rows = []
     for i in range(0, len(steps), _IN_CHUNK):  # point lookups on the primary key
         chunk = steps[i : i + _IN_CHUNK]
