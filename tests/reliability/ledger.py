@@ -26,6 +26,11 @@ def ledger_gaps(seqs: list[int]) -> tuple[list[int], list[int]]:
     return [s for s in range(top + 1) if s not in counts], sorted(s for s, n in counts.items() if n > 1)
 
 
+def run_status(db_path: Path, run_id: str) -> str | None:
+    rows = _query(db_path, "SELECT status FROM runs WHERE id = ?", run_id)
+    return rows[0][0] if rows else None
+
+
 def run_ids(db_path: Path) -> set[str]:
     return {run_id for (run_id,) in _query(db_path, "SELECT id FROM runs")}
 
