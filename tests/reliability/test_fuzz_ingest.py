@@ -32,6 +32,11 @@ from tests.reliability.badframes import Bad
 from tests.reliability.ledger import count, ledger_gaps, received_seqs, run_ids, scalar_steps
 from tests.reliability.servers import ThreadedServer
 
+# Keepalive pings (uvicorn's and the websockets client's, every 20 s, in their own threads)
+# draw from the global `random`; when one lands while hypothesis generates an example it
+# warns, though the example's data never depends on it.
+pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
+
 LIMIT = 64 * 1024  # the server's max_message_bytes here
 GOOD_RUN = "good-run"
 FUZZ = settings(
