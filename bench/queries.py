@@ -58,7 +58,9 @@ def build_run(url: str, *, steps: int, layers: int, hist_every: int, run_id: str
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--db", type=Path, help="keep the built run in this SQLite file, and reuse it if it exists")
+    args = cli.parse_args()
     steps, layers, hist_every, repeats = (2000, 10, 10, 3) if args.quick else (100_000, 50, 10, 10)
     print(f"machine: {machine()}")
     import tempfile
@@ -67,9 +69,10 @@ def main() -> None:
     from tests.serving import serve
 
     with tempfile.TemporaryDirectory(prefix="layerwatch-queries-") as tmp:
-        db = Path(tmp) / "long.db"
+        db = args.db or Path(tmp) / "long.db"
         began = time.perf_counter()
-        build_run(f"sqlite:///{db}", steps=steps, layers=layers, hist_every=hist_every)
+        if not db.exists():  # building the full run takes ~2 minutes on 2 cores
+            build_run(f"sqlite:///{db}", steps=steps, layers=layers, hist_every=hist_every)
         figure("stored run", f"{steps} steps x {layers} layers ({time.perf_counter() - began:.0f} s to build)")
         with serve(db) as url, httpx.Client(base_url=url, timeout=60) as client:
             queries = {

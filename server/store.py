@@ -445,11 +445,20 @@ def forward_order(model: dict[str, Any] | None) -> Any:
 
 
 def run_series(session: Session, *, run_id: str, model: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """The (layer, param, kind) series that have layer statistics, in forward order."""
-    rows = session.execute(
-        select(LayerStat.layer, LayerStat.param, LayerStat.kind).where(LayerStat.run_id == run_id).distinct()
-    ).all()
-    return sorted((tuple(r) for r in rows), key=forward_order(model))
+    """The (layer, param, kind) series that have layer statistics, in forward order.
+
+    Read as one bucket spanning the whole run, so from the coarsest rollups and
+    a few exact steps at the end: a DISTINCT over a long run's rows takes seconds.
+    """
+    newest = rollup.newest_step(session, rollup.LAYER_STATS, run_id, {})
+    if newest is None:
+        return []
+    top = rollup.LEVELS[-1]
+    rows = rollup.cells(
+        session, rollup.LAYER_STATS, run_id=run_id, where={}, aggregates=("first_step",), first=0, last=newest,
+        width=top * (newest // top + 1), level=top,
+    )  # fmt: skip
+    return sorted({(layer, param, kind) for _, kind, layer, param, _ in rows}, key=forward_order(model))
 
 
 # ---------------------------------------------------------------- series
@@ -671,7 +680,8 @@ def histogram_series(
     rows = []
     for i in range(0, len(steps), _IN_CHUNK):  # point lookups on the primary key
         chunk = steps[i : i + _IN_CHUNK]
-        where = _series_where(table, run_id=run_id, start=chunk[0], end=chunk[-1], columns=columns)
+        # No step range beside the IN list: with one, SQLite scans the range (every layer) instead.
+        where = _series_where(table, run_id=run_id, start=None, end=None, columns=columns)
         query = select(table.c.step, table.c.lo, table.c.hi, table.c.counts).where(*where, table.c.step.in_(chunk))
         rows += session.execute(query.order_by(table.c.step)).all()
     return {

@@ -159,6 +159,13 @@ def test_every_downsampled_query_is_the_same_with_and_without_the_rollup(session
         assert _same(fast) == _same(store.histogram_series(session, **series, use_rollup=False, **window)), window
 
 
+def test_the_run_s_series_are_found_from_the_rollup(session: Session) -> None:
+    _ingest(session, _random_run(random.Random(5)))
+    exact = session.execute(text("SELECT DISTINCT layer, param, kind FROM layer_stats WHERE run_id = 'r'")).all()
+    assert sorted(store.run_series(session, run_id="r", model=None)) == sorted(tuple(r) for r in exact)
+    assert len(exact) == len(LAYERS) * (len(PARAMS) * 2 + 1)
+
+
 def test_a_whole_run_answer_keeps_the_spike_within_the_point_budget(session: Session) -> None:
     rng = random.Random(2)
     batches = _random_run(rng)
