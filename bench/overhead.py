@@ -1,32 +1,54 @@
-"""Training overhead on CPU: a plain step vs the monitor attached, default (adaptive) and every=1.
+"""Training overhead: a plain step vs the monitor attached, default (adaptive) and every=1.
 
-One thread (`torch.set_num_threads(1)`), batch 32, a real `layerwatch serve`
-receiving (the sender thread's CPU counts). Whatever `monitor.attach` does is
-measured, per-step signals included. Ratios are medians of alternated blocks.
+CPU (the default): one thread (`torch.set_num_threads(1)`), batch 32, the CNN and
+the MLP, a real `layerwatch serve` receiving (the sender thread's CPU counts).
+`--device cuda --model resnet18|gpt` runs the same comparison on a GPU (the clock
+stops after a synchronize, so the monitor's queued kernels count) and also counts
+the host syncs the monitor adds, with `torch.cuda.set_sync_debug_mode("warn")`
+over monitored steps against plain ones: it should add none (a sample's one
+device-to-host copy is non-blocking). `--server none` attaches to an address
+nobody answers (no server needed, e.g. on a GPU machine without the server
+extras): frames then wait in the client's bounded buffer. Whatever
+`monitor.attach` does is measured, per-step signals included. Ratios are
+medians of alternated blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 
 import torch
 
-from bench._common import Trainer, alternate, figure, machine, parser, server
+from bench._common import MODELS, Trainer, alternate, figure, machine, parser, server
 from client_hook import monitor
+
+NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing answers
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    torch.set_num_threads(1)
+    p = parser(__doc__)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default cnn and mlp")
+    p.add_argument("--server", choices=("serve", "none"), default="serve", help="a real server, or none answering")
+    args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device!r}: torch.cuda.is_available() is False on this machine")
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     logging.getLogger("layerwatch").setLevel(logging.ERROR)
-    rounds, block, warm = (3, 20, 20) if args.quick else (15, 100, 300)
-    print(f"machine: {machine()}")
-    with server() as (url, _):
-        for name in ("cnn", "mlp"):
-            plain, default, every1 = Trainer(name), Trainer(name), Trainer(name)
+    rounds, block, warm = (3, 10, 20) if args.quick else (10, 50, 200)
+    print(f"machine: {machine()}" + (f", {torch.cuda.get_device_name()}" if args.device != "cpu" else ""))
+    with _server(args.server) as url:
+        for name in args.model or ["cnn", "mlp"]:
+            plain, default, every1 = (Trainer(name, device=args.device) for _ in range(3))
             mons = []
             for trainer, every in ((default, None), (every1, 1)):
-                mon = monitor.attach(trainer.model, trainer.opt, server=url, run=f"bench-{name}-{every}", every=every)
+                mon = monitor.attach(
+                    trainer.model, trainer.opt, server=url, run=f"bench-{name}-{every}", every=every, close_timeout=1
+                )
                 trainer.after_step = lambda loss, mon=mon: mon.log(loss=loss)
                 mons.append(mon)
             for trainer in (plain, default, every1):
@@ -36,8 +58,33 @@ def main() -> None:
             figure(f"{name} default (every=None) overhead", f"{t['default'] / t['plain']:.3f}x", "<= 1.02x")
             figure(f"{name} adaptive interval chosen", f"every={mons[0].every}")
             figure(f"{name} every=1 overhead", f"{t['every1'] / t['plain']:.3f}x", "<= 1.3x")
+            if plain.device.type == "cuda":
+                steps = 5
+                added = _syncs(every1, steps) - _syncs(plain, steps)
+                figure(f"{name} host syncs added per sampled step", f"{added / steps:.1f}", "0")
             for mon in mons:
                 mon.close()
+
+
+@contextlib.contextmanager
+def _server(kind: str) -> Iterator[str]:
+    if kind == "none":
+        yield NOWHERE
+        return
+    with server() as (url, _):
+        yield url
+
+
+def _syncs(trainer: Trainer, steps: int) -> int:
+    """Host syncs in `steps` training steps, as torch.cuda.set_sync_debug_mode("warn") reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.steps(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 if __name__ == "__main__":
