@@ -108,7 +108,8 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
                     grad_norm=1.0 / (step + 1),
                     nonfinite_grads=[],
                     grads_stale=False,
-                    target_counts={"0": 3, "1": 5},
+                    # Ten classes: the first loss, 2.0, is near ln 10 (a healthy start, no loss_at_init).
+                    target_counts={str(c): 3 + c % 2 for c in range(10)},
                 )
             )
         if findings:

@@ -21,8 +21,12 @@ def db_url(any_db_url: str) -> str:
 
 
 def send(ws: Any, frames: list[dict[str, Any]]) -> dict[str, Any]:
+    """Send one batch; return the server's answer to it (the ack or an error), reading past
+    the alerts it raised, as the client does."""
     ws.send_text(json.dumps(wire.batch(frames)))
-    return ws.receive_json()
+    while (answer := ws.receive_json())["kind"] == "alert":
+        pass
+    return answer
 
 
 def expect_close(ws: Any) -> tuple[str, int]:
@@ -156,6 +160,18 @@ def test_a_token_is_required_when_configured(make_client: Any, run_frames: Any) 
     assert client.get("/api/runs/run-1", headers={"Authorization": "Bearer s3cret"}).json()["status"] == "finished"
 
 
+def test_a_model_described_by_bare_param_names_is_still_diagnosed(client: TestClient, run_frames: Any) -> None:
+    """The schema lets `params` be bare names (conftest's MODEL); the rules must cope, not go quiet."""
+    frames = run_frames(steps=2, end=False)  # step 0 is judged once step 1 has begun
+    frames[1]["values"]["loss"] = 9.1  # far above ln 10: outputs scaled up at init
+    with client.websocket_connect("/ws/ingest") as ws:
+        ws.send_text(json.dumps(wire.batch(frames)))
+        alert = ws.receive_json()
+        assert alert["kind"] == "alert" and alert["alert"]["rule"] == "loss_at_init", alert
+        assert "C = 10 classes" in alert["alert"]["message"]
+        assert ws.receive_json()["kind"] == "ack"
+
+
 def test_a_nan_loss_is_stored_and_served_as_null(client: TestClient, run_frames: Any) -> None:
     frames = run_frames(steps=1, end=False)
     frames.append(
@@ -164,8 +180,7 @@ def test_a_nan_loss_is_stored_and_served_as_null(client: TestClient, run_frames:
         )
     )
     with client.websocket_connect("/ws/ingest") as ws:
-        ws.send_text(json.dumps(wire.batch(frames)))  # json.dumps writes NaN/Infinity tokens
-        assert ws.receive_json()["kind"] == "ack"
+        assert send(ws, frames)["kind"] == "ack"  # json.dumps writes NaN/Infinity tokens
     assert client.get("/api/runs/run-1/scalars", params={"key": "loss"}).json()["values"] == [2.0, None]
     assert client.get("/api/runs/run-1/scalars", params={"key": "big"}).json()["values"] == [None]
     run = client.get("/api/runs/run-1").json()

@@ -88,9 +88,8 @@ class RunView:
     def params(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         """(layer, param name, description) of every parameter, in forward order of modules."""
         for module in self.modules:
-            for p in module.get("params", []):
-                if isinstance(p, dict):
-                    yield module["name"], p["name"], p
+            for p in param_descriptions(module):
+                yield module["name"], p["name"], p
 
     def order(self, layer: str | None) -> int:
         """Position of a module in forward order (unknown names last)."""
@@ -185,3 +184,18 @@ def median(values: list[float]) -> float:
         return math.nan
     mid = len(finite) // 2
     return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+
+
+def param_descriptions(module: dict[str, Any]) -> list[dict[str, Any]]:
+    """A module's `params` as description dicts with a string `name`.
+
+    The wire schema only asks for a list: the client sends {"name", "shape", ...}
+    dicts, another client may send bare names ("weight"), which become {"name": ...}
+    without a shape; anything else is skipped rather than failing a rule."""
+    out = []
+    for p in module.get("params") or []:
+        if isinstance(p, str):
+            out.append({"name": p})
+        elif isinstance(p, dict) and isinstance(p.get("name"), str):
+            out.append(p)
+    return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from server.diagnosis.view import RunView, fmt
+from server.diagnosis.view import RunView, fmt, param_descriptions
 from server.store import Finding
 
 RULE_ID = "loss_at_init"
@@ -82,8 +82,8 @@ def _num_classes(view: RunView, classes: dict[int, int]) -> tuple[int, str]:
     for module in reversed(view.modules):
         if not module.get("leaf", True) or module.get("called") is False:
             continue
-        weights = [p["shape"] for p in module.get("params", []) if p.get("name") == "weight"]
-        if weights and len(weights[0]) >= 2:
+        weights = [p.get("shape") or [] for p in param_descriptions(module) if p["name"] == "weight"]
+        if weights and len(weights[0]) >= 2 and isinstance(weights[0][0], int):
             width = int(weights[0][0])
             if width >= seen:
                 return width, f"the output width of {module['name']!r}"
