@@ -78,7 +78,9 @@ class Sweeper:
 
     async def start(self) -> None:
         self.listening_since = time.time()
-        self._stop.clear()
+        # A new event per start: an asyncio.Event binds to the loop it is first awaited on, and
+        # an app may be started again on another loop (TestClient, schemathesis over ASGI).
+        self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="layerwatch-liveness")
 
     async def stop(self) -> None:

@@ -197,3 +197,17 @@ def test_the_cli_refuses_a_bad_heartbeat_timeout(bad: str) -> None:
     )
     assert result.returncode == 2
     assert "--heartbeat-timeout" in result.stderr and repr(bad) in result.stderr, result.stderr
+
+
+def test_the_sweeper_runs_again_when_the_app_is_started_on_a_new_event_loop(tmp_path: Path) -> None:
+    """Each TestClient (or an ASGI test tool) runs the lifespan on a loop of its own."""
+    from fastapi.testclient import TestClient
+
+    from server.main import create_app
+
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path}/loops.db", heartbeat_timeout_s=0.4))
+    for _ in range(2):
+        with TestClient(app):
+            time.sleep(0.3)  # a few sweeps (every timeout / 4)
+            task = app.state.liveness._task
+            assert task is not None and not task.done(), "the sweeper died on this loop"
