@@ -9,6 +9,7 @@ runs on both.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections import defaultdict
@@ -166,9 +167,9 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     projects: dict[str, Project] = {}
     ledger: list[dict[str, Any]] = []
     scalars: dict[tuple[str, str, int], dict[str, Any]] = {}
-    # Rows as tuples in table column order, keyed by primary key (a later row replaces an earlier one).
-    stats: dict[tuple[str, int, str, str, str], tuple[Any, ...]] = {}
-    hists: dict[tuple[str, int, str, str, str], tuple[Any, ...]] = {}
+    # Rows as tuples in table column order, in arrival order (a later row replaces an earlier one).
+    stats: list[tuple[Any, ...]] = []
+    hists: list[tuple[Any, ...]] = []
     signals: dict[tuple[str, int], dict[str, Any]] = {}
     findings: list[tuple[str, Finding]] = []
     changed: dict[str, None] = {}  # an ordered set
@@ -209,18 +210,14 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
             ]
         elif kind == "layer_stats":
             # Rows arrive in wire.LAYER_STAT_COLUMNS order, which is the table's after (run_id, step).
-            for row in f["rows"]:
-                stats[(run_id, step, row[0], row[1], row[2])] = (run_id, step, *row)
+            stats += [(run_id, step, *row) for row in f["rows"]]
             rolled[(rollup.LAYER_STATS, run_id, ())].add(step)
             if "every" in f:
                 run.every = f["every"]
             stat_steps[run_id].add(step)
             _advance(run, step)
         elif kind == "histograms":
-            for layer, param, tensor_kind, lo, hi, counts in f["rows"]:
-                hists[(run_id, step, layer, param, tensor_kind)] = (
-                    run_id, step, layer, param, tensor_kind, lo, hi, pack_counts(counts),
-                )  # fmt: skip
+            hists += [(run_id, step, *row[:5], pack_counts(row[5])) for row in f["rows"]]
             rolled[(rollup.HISTOGRAMS, run_id, ())].add(step)
             stat_steps[run_id].add(step)
             _advance(run, step)
@@ -244,8 +241,8 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float) -> Inges
     if ledger:
         session.execute(insert(ReceivedFrame.__table__), ledger)
     _upsert(session, Scalar.__table__, list(scalars.values()))
-    _upsert_tuples(session, LayerStat.__table__, list(stats.values()))
-    _upsert_tuples(session, Histogram.__table__, list(hists.values()))
+    _upsert_tuples(session, LayerStat.__table__, stats)
+    _upsert_tuples(session, Histogram.__table__, hists)
     _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
     for (spec, run_id, part), steps in rolled.items():
         previous_step = previous[(spec, run_id, part)]
@@ -288,6 +285,7 @@ def _advance(run: Run, step: int) -> None:
         run.last_step = step
 
 
+@functools.cache
 def _upsert_sql(table: Table) -> str:
     """INSERT ... ON CONFLICT (primary key) DO UPDATE of every other column, with qmark parameters."""
     columns = list(table.columns.keys())
@@ -304,7 +302,9 @@ def _upsert_tuples(session: Session, table: Table, rows: list[tuple[Any, ...]]) 
 
     On SQLite the rows go straight to the driver's executemany with one SQL text:
     about 4x cheaper than a Core executemany of dicts, which binds each row by name.
-    Other databases take the dialect-neutral `_upsert`.
+    Rows run one by one in order, so a later row with the same key replaces an
+    earlier one. Other databases take the dialect-neutral `_upsert`, after the
+    same last-one-wins dedup (PostgreSQL refuses a key twice in one statement).
     """
     if not rows:
         return
@@ -312,7 +312,9 @@ def _upsert_tuples(session: Session, table: Table, rows: list[tuple[Any, ...]]) 
         session.connection().exec_driver_sql(_upsert_sql(table), rows)
     else:
         names = table.columns.keys()
-        _upsert(session, table, [dict(zip(names, row, strict=True)) for row in rows])
+        width = len(table.primary_key.columns)  # the key columns come first in these tables
+        latest = {row[:width]: row for row in rows}
+        _upsert(session, table, [dict(zip(names, row, strict=True)) for row in latest.values()])
 
 
 def _upsert(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:

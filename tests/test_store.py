@@ -15,6 +15,7 @@ from client_hook import wire
 from server import store
 from server.db import init_db, make_engine, make_session_factory
 from server.tables import Alert, LayerStat, ReceivedFrame, Run, Scalar
+from tests.conftest import stat_row
 
 
 @pytest.fixture
@@ -94,6 +95,25 @@ def test_a_value_sent_again_under_a_new_seq_replaces_the_old_one(session: Sessio
         ],
     )
     assert store.scalar_series(session, run_id="run-1", key="loss") == ([0], [8.0])
+
+
+def test_a_layer_row_sent_twice_in_one_batch_keeps_the_later_values(session: Session, run_frames: Any) -> None:
+    frames = run_frames(steps=1, end=False)
+    n = len(frames)
+
+    def stats(seq: int, norm: float) -> dict[str, Any]:
+        row = [*stat_row("encoder", "weight", "grad")[:6], norm, *stat_row("encoder", "weight", "grad")[7:]]
+        return wire.frame("layer_stats", run_id="run-1", seq=seq, step=5, rows=[row, row])
+
+    def hist(seq: int, count: int) -> dict[str, Any]:
+        row = ["encoder", "weight", "grad", -1.0, 1.0, [count] * wire.HIST_BINS]
+        return wire.frame("histograms", run_id="run-1", seq=seq, step=5, rows=[row])
+
+    store.ingest_batch(session, frames=[*frames, stats(n, 7.0), hist(n + 1, 3), stats(n + 2, 2.0), hist(n + 3, 1)])
+    series = store.layer_series(session, run_id="run-1", layer="encoder", param="weight", kind="grad")
+    assert series["norm"][series["steps"].index(5)] == 2.0
+    hists = store.histogram_series(session, run_id="run-1", layer="encoder", param="weight", kind="grad")
+    assert hists["counts"][hists["steps"].index(5)] == [1] * wire.HIST_BINS
 
 
 def test_an_unknown_run_rolls_the_whole_batch_back(session: Session, run_frames: Any) -> None:
