@@ -12,7 +12,7 @@ import resource
 import torch
 
 from bench._common import Trainer, figure, machine, parser
-from client_hook import monitor
+from client_hook import monitor, stats
 
 
 def rss_mb() -> float:
@@ -42,6 +42,12 @@ def main() -> None:
     figure(
         "RSS growth per 1000 sampled steps", f"{(points[-1] - points[len(points) // 2]) / (steps / 2) * 1000:.1f} MB"
     )
+    # What a sampled step holds between the optimizer's pre- and post-hook: the weight and gradient
+    # subsets (stats.subset, <= SUBSET_SIZE elements each), nothing on unsampled steps.
+    held = sum(stats.subset(p).numel() * p.element_size() for p in trainer.model.parameters())
+    total = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    copies = f"{2 * held / 1024:.0f} KB (the weights: {total / 1024:.0f} KB)"
+    figure("sampled-step copies (pre-step weights + gradients)", copies)
     figure("pending frames held", f"{pending} (cap {mon._sender._max_pending}), dropped {status['dropped']}")  # noqa: SLF001
 
 

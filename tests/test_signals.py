@@ -162,3 +162,49 @@ def test_parameters_outside_the_optimizer_are_not_probed_for_stale_gradients() -
         step(model, opt, mon, x, y)  # opt.zero_grad() leaves the forgotten layers' grads alone
     assert [signals_by_step(mon)[s].get("grads_stale") for s in range(3)] == [None, False, False]
     mon.close()
+
+
+def test_a_sampled_step_reads_nothing_back_to_the_host_but_its_one_copy() -> None:
+    """On CUDA each of these calls would be a host sync; the monitor's hooks make none of them
+    (the CPU-only read of the output's sum in after_forward aside, which costs no sync there)."""
+    from torch.overrides import TorchFunctionMode
+
+    from client_hook import tensors
+
+    syncing = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero", "bincount", "unique"}
+    calls: list[str] = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            name = getattr(func, "__name__", "")
+            if name in syncing:
+                calls.append(name)
+            return func(*args, **(kwargs or {}))
+
+    copies: list[int] = []
+    original = tensors.HostCopy.__init__
+
+    def counted(self, tensor) -> None:  # noqa: ANN001
+        copies.append(tensor.numel())
+        original(self, tensor)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4000), nn.Tanh(), nn.Linear(4000, 3))  # big enough for subsets
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, every=1, close_timeout=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    tensors.HostCopy.__init__ = counted  # type: ignore[method-assign]
+    try:
+        with Count():
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        tensors.HostCopy.__init__ = original  # type: ignore[method-assign]
+    mon.close()
+    assert len(copies) == 2  # the sample's one matrix and the step's signals vector
+    # HostCopy's own .cpu() per copy (on CUDA a non-blocking copy into pinned memory instead), and
+    # after_forward's CPU-only read of the output sum: nothing per tensor.
+    assert sorted(calls) == sorted(["cpu"] * len(copies) + ["item"])

@@ -145,3 +145,33 @@ def test_update_ratios_match_update_ratio() -> None:
     got = stats.update_ratios(befores, afters).tolist()
     want = [stats.update_ratio(b, a).item() for b, a in zip(befores, afters)]
     assert got == pytest.approx(want)
+
+
+def test_summarize_subsets_whole_parts_equal_summarize_and_big_ones_are_estimated() -> None:
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(300, 301, generator=g) * 2 + 1  # 90300 elements: a strided subset of <= SUBSET_SIZE
+    big_nan = torch.randn(200, 777, generator=g)
+    big_nan[17, 3] = float("nan")  # one NaN that the subset may miss; the exact norm does not
+    small = [torch.randn(7, generator=g), torch.empty(0), torch.tensor([1.0, float("nan"), 0.0])]
+    tensors = [big, *small, big_nan, torch.zeros(500, 500)]
+    parts = [stats.subset(t) for t in tensors]
+    assert all(p.numel() <= stats.SUBSET_SIZE for p in parts) and parts[2].numel() == 0
+    norms = torch.stack([t.double().norm() if t.numel() else torch.tensor(-1.0, dtype=torch.float64) for t in tensors])
+    rows = [stats.unpack_row(r) for r in stats.summarize_subsets(parts, [t.numel() for t in tensors], norms).tolist()]
+    for tensor, (got, _, _, _) in zip(small, rows[1:4]):  # whole parts: exactly summarize's rows
+        want = stats.unpack_row(stats.summarize(tensor).tolist())[0]
+        assert got == pytest.approx(want, nan_ok=True)
+    got = rows[0][0]
+    assert got["numel"] == big.numel() and got["nonfinite"] == 0
+    assert got["norm"] == pytest.approx(big.double().norm().item(), rel=1e-6)  # exact, not estimated
+    assert got["mean"] == pytest.approx(1.0, abs=0.2) and got["std"] == pytest.approx(2.0, rel=0.1)
+    assert sum(rows[0][3]) == parts[0].numel()  # the histogram counts the subset
+    assert rows[4][0]["nonfinite"] >= 1  # known from the exact norm even where the subset holds no NaN
+    assert rows[5][0]["zero_frac"] == 1.0 and rows[5][0]["norm"] == 0.0
+
+
+def test_subset_stride_walks_every_column() -> None:
+    stride = stats.subset_stride((256, 784))
+    assert 784 % stride and 256 % stride  # no dimension is a multiple: no column repeated alone
+    columns = {i % 784 for i in range(0, 256 * 784, stride)}
+    assert len(columns) > 700
