@@ -90,6 +90,27 @@ def check_limits(**limits: Any) -> None:
             raise ValueError(f"{name} must be an integer >= {low}, but got {value!r}")
 
 
+def open_ingest(url: str, token: str | None) -> Any:
+    """A plain synchronous websocket to `url` (an /ws/ingest URL), the token as a Bearer header."""
+    import inspect
+
+    from websockets.sync.client import connect  # imported here: only the sender thread needs it
+
+    # websockets >= 16 wants `legacy=True` to return a plain connection (no auto-reconnect:
+    # replay after reconnect is ours, driven by acks).
+    legacy = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+    return connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"} if token else None,
+        open_timeout=2,
+        close_timeout=1,
+        compression=None,  # frames are small and the CPU is the training's
+        max_size=wire.MAX_MESSAGE_BYTES,
+        proxy=None,
+        **legacy,
+    )
+
+
 def envelope(entries: list[Entry]) -> str:
     """`json.dumps(wire.batch(frames))` built from frames already encoded: no second encoding."""
     return f'{{"protocol": {wire.PROTOCOL_VERSION}, "frames": [{", ".join(e.text for e in entries)}]}}'
@@ -273,6 +294,8 @@ class Sender:
         entry = encode(wire.frame(kind, run_id=self.run_id, seq=seq, step=step, **fields))
         if kind == "run_start":
             self._run_start = entry
+            if self._spool is not None:
+                self._spool.run_start = entry
         self._latest_step = max(self._latest_step, step)
         self._hold(entry)
 
@@ -389,25 +412,8 @@ class Sender:
         return settled
 
     def _connect(self) -> bool:
-        import inspect
-
-        from websockets.sync.client import connect  # imported here: only this thread needs it
-
-        # websockets >= 16 wants `legacy=True` to return a plain connection (no auto-reconnect:
-        # replay after reconnect is ours, driven by acks).
-        legacy = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
-            self._ws = connect(
-                self.url,
-                additional_headers=headers,
-                open_timeout=2,
-                close_timeout=1,
-                compression=None,  # frames are small and the CPU is the training's
-                max_size=wire.MAX_MESSAGE_BYTES,
-                proxy=None,
-                **legacy,
-            )
+            self._ws = open_ingest(self.url, self._token)
         except Exception as exc:
             self._warn_once(
                 "connect", "layerwatch: server %s not reachable (%s); training goes on, data is kept", self.url, exc

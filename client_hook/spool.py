@@ -52,6 +52,10 @@ SEGMENT_MAX_BYTES = 4 * 2**20  # a drop rewrites one segment at a time: at most 
 SEGMENT_MIN_BYTES = 4096
 SEGMENTS_PER_CAP = 8  # segment size = cap / 8: dropping never rewrites more than an eighth of the spool at once
 SUFFIX = ".jsonl"
+# The run's run_start frame, kept beside the segments while the spool exists: a spool
+# left behind by a finished process (`layerwatch upload`) can introduce its run to a
+# server that never saw it, even when the run_start itself was acknowledged long ago.
+RUN_START_FILE = "run_start.json"
 
 
 def default_spool_dir() -> Path:
@@ -146,6 +150,8 @@ class Spool:
         self._segments: list[_Segment] = []  # oldest first; the last one takes appends
         self._head: list[Entry] | None = None  # the oldest segment's unacknowledged frames, once read
         self._head_pos = 0  # how many of `_head` are acknowledged
+        self.run_start: Entry | None = None  # set by the sender; written as RUN_START_FILE with the first segment
+        self._run_start_written = False
 
     # ------------------------------------------------------------ state
 
@@ -226,6 +232,9 @@ class Spool:
         touched: list[tuple[_Segment, int, bool]] = []  # (segment, size before, created here)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if self.run_start is not None and not self._run_start_written:
+                (self.directory / RUN_START_FILE).write_text(self.run_start.text + "\n", encoding="ascii")
+                self._run_start_written = True
             start = 0
             while start < len(entries):
                 segment = self._segments[-1] if self._segments else None
@@ -305,6 +314,9 @@ class Spool:
         """Delete the run's spool directory: called once everything in it was acknowledged."""
         for segment in list(self._segments):
             self._delete(segment)
+        if self._run_start_written:
+            (self.directory / RUN_START_FILE).unlink(missing_ok=True)
+            self._run_start_written = False
         try:
             self.directory.rmdir()  # only if empty: never delete what this spool did not write
         except OSError:

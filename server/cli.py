@@ -139,6 +139,35 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _upload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client_hook.spool import default_spool_dir
+    from client_hook.upload import UploadError, run_folders, upload_run
+
+    root = Path(args.path) if args.path else default_spool_dir()
+    try:
+        folders = run_folders(root)
+    except UploadError as exc:
+        print(f"layerwatch upload: {exc}", file=sys.stderr)
+        return 2
+    if not folders:
+        print(f"layerwatch upload: nothing to send in {str(root)!r}")
+        return 0
+    failed = 0
+    for folder in folders:
+        try:
+            done = upload_run(folder, server=args.server, token=args.token)
+        except UploadError as exc:
+            print(f"layerwatch upload: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        steps = f" (steps {done.steps[0]}..{done.steps[1]})" if done.steps else ""
+        skipped = f"; {done.skipped} unreadable line(s) left out" if done.skipped else ""
+        print(f"run {done.run_id}: {done.frames} frame(s){steps} delivered to {args.server}{skipped}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerwatch", description="A live training monitor for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = commands.add_parser("diagnose", help="re-run the diagnosis rules on a stored run")
     diagnosis_cli.add_arguments(diagnose, default_db=os.environ.get("LAYERWATCH_DB", "sqlite:///./layerwatch.db"))
     diagnose.set_defaults(func=diagnosis_cli.run)
+
+    upload = commands.add_parser("upload", help="send the frames a finished training left in its spool")
+    upload.add_argument(
+        "path",
+        nargs="?",
+        help="a spool folder or one run's folder in it (default: $LAYERWATCH_SPOOL_DIR or <tmp>/layerwatch-spool)",
+    )
+    upload.add_argument(
+        "--server",
+        default=os.environ.get("LAYERWATCH_SERVER", "http://127.0.0.1:8000"),
+        help="the server to send to (default: $LAYERWATCH_SERVER or %(default)s)",
+    )
+    upload.add_argument("--token", default=os.environ.get("LAYERWATCH_TOKEN") or None, help="its access token")
+    upload.set_defaults(func=_upload)
 
     webhook = commands.add_parser("webhook", help="webhook tools")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
