@@ -7,7 +7,7 @@ wall time of unsampled steps, and spaces samples so that
 
     cost of one sample / (interval × plain step time) ≈ overhead.
 
-The interval stays within [EVERY_MIN, EVERY_MAX] and starts at EVERY_START
+The interval stays within [ADAPTIVE_MIN, EVERY_MAX] and starts at EVERY_START
 until both times are measured. The first sample's cost is not measured: it
 carries one-time work (kernel warm-up, describing the model) that would set the
 interval far too long. On CUDA the hook time is the time to *launch*
@@ -23,6 +23,10 @@ import time
 EVERY_MIN = 1
 EVERY_MAX = 1000  # at least one sample per thousand steps, whatever it costs
 EVERY_START = 10
+# The adaptive floor: the budget sees only the training thread's hook time, not the sender
+# thread encoding the sample or the server storing it (on a 2-core machine they take
+# the training thread's CPU), which cost about as much again (measured: CNN, bench/overhead).
+ADAPTIVE_MIN = 10
 DEFAULT_OVERHEAD = 0.01  # 1% of step time: the "cost nobody notices" target
 _SMOOTHING = 0.2  # weight of the newest measurement in the running averages
 
@@ -68,7 +72,7 @@ class Schedule:
         self._hook_time = 0.0
         self._last_step_end = now
         if sampled and self.adaptive and self.sample_cost_s is not None and self.step_time_s is not None:
-            self.every = choose_every(self.sample_cost_s, self.step_time_s, self.overhead)
+            self.every = max(ADAPTIVE_MIN, choose_every(self.sample_cost_s, self.step_time_s, self.overhead))
             self.next_step = step + self.every
 
     @property
