@@ -23,11 +23,12 @@ the levels serve: between half and all of the points asked for.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, func, insert, literal, select
+from sqlalchemy import BigInteger, Integer, String, Table, and_, bindparam, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -135,8 +136,10 @@ def roll_up(
         if complete == 0:
             return  # and no higher level has a complete bucket either
         start = min(steps) // level if previous is None else previous // level
-        buckets = set(range(start, complete)) | {s // level for s in steps if s // level < complete}
-        for first, last in _runs(buckets):
+        # Newly complete buckets are one range (kept as bounds: a jump of a billion steps is
+        # one statement, not a billion buckets); complete ones the batch wrote into come singly.
+        written = _runs({s // level for s in steps if s // level < start})
+        for first, last in [*written, *([(start, complete)] if start < complete else [])]:
             _compute(session, spec, run_id=run_id, partition=partition, level=level, first=first, last=last)
 
 
@@ -172,40 +175,58 @@ def _compute(
     session: Session, spec: Spec, *, run_id: str, partition: dict[str, Any], level: int, first: int, last: int
 ) -> None:
     """Write buckets [first, last) of one level, replacing what was there: one INSERT ... SELECT."""
-    if level == LEVELS[0]:  # from the exact rows
+    base = level == LEVELS[0]
+    # In the exact table's steps or the child level's buckets, as the statement's SELECT reads them.
+    scale = level if base else FANOUT
+    params = {"run_id": run_id, "level": level, "child": level // FANOUT, "lo": first * scale, "hi": last * scale}
+    params.update({f"p_{name}": value for name, value in partition.items()})
+    dialect = session.get_bind().dialect.name
+    select_, upsert = _compute_statements(spec, base, dialect)
+    if upsert is not None:
+        session.execute(upsert, params)
+        return
+    # Other databases: fetch, then replace row by row (slower, the same result).
+    table = spec.rollup
+    keys = [c.name for c in table.primary_key.columns]
+    for row in session.execute(select_, params).mappings().all():
+        session.execute(table.delete().where(and_(*(table.c[k] == row[k] for k in keys))))
+        session.execute(insert(table).values(dict(row)))
+
+
+@functools.cache
+def _compute_statements(spec: Spec, base: bool, dialect: str) -> tuple[Any, Any]:
+    """(SELECT, INSERT ... SELECT upsert or None) computing rollup rows, with bound parameters
+    run_id, level, child, lo, hi, p_<partition column>. Built once: building it per batch cost
+    more than running it on small batches."""
+    lo, hi = bindparam("lo", type_=BigInteger), bindparam("hi", type_=BigInteger)
+    level = bindparam("level", type_=Integer)
+    if base:  # from the exact rows
         table = spec.source
-        where = [table.c.step >= first * level, table.c.step < last * level]
-        bucket = table.c.step // level
-        values = [_FUNCTIONS[fn](table.c[exact]) for _, exact, fn in spec.aggregates]
+        where = [table.c.step >= lo, table.c.step < hi]
+        bucket = table.c.step // level  # integer division on both dialects (both sides are integers)
+        values = [_FUNCTIONS[fn](table.c[exact]).label(name) for name, exact, fn in spec.aggregates]
     else:  # from the level below: FANOUT of its buckets make one of these
         table = spec.rollup
-        child = level // FANOUT
-        where = [table.c.level == child, table.c.bucket >= first * FANOUT, table.c.bucket < last * FANOUT]
+        where = [table.c.level == bindparam("child", type_=Integer), table.c.bucket >= lo, table.c.bucket < hi]
         bucket = table.c.bucket // FANOUT
-        values = [_FUNCTIONS[fn](table.c[name]) for name, _, fn in spec.aggregates]
-    where += [table.c.run_id == run_id, *(table.c[name] == partition[name] for name in spec.partition)]
+        values = [_FUNCTIONS[fn](table.c[name]).label(name) for name, _, fn in spec.aggregates]
+    where.append(table.c.run_id == bindparam("run_id", type_=String))
+    where += [table.c[name] == bindparam(f"p_{name}", type_=table.c[name].type) for name in spec.partition]
     series = [table.c[name] for name in spec.series]
-    query = select(literal(run_id), literal(level), bucket, *series, *values).where(*where).group_by(bucket, *series)
-    names = ["run_id", "level", "bucket", *spec.series, *(rollup_column for rollup_column, _, _ in spec.aggregates)]
-    _upsert_from(session, spec.rollup, names, query)
-
-
-def _upsert_from(session: Session, table: Table, names: list[str], query: Any) -> None:
-    """INSERT ... SELECT that replaces rows whose key exists (SQLite and PostgreSQL share the form)."""
+    names = ["run_id", "level", "bucket", *spec.series, *(name for name, _, _ in spec.aggregates)]
+    run = bindparam("run_id", type_=String)
+    query = select(run.label("run_id"), level.label("level"), bucket.label("bucket"), *series, *values)
+    query = query.where(*where).group_by(bucket, *series)
+    if dialect not in ("sqlite", "postgresql"):
+        return query, None
+    table = spec.rollup
     keys = [c.name for c in table.primary_key.columns]
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        stmt = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table).from_select(names, query)
-        # (SQLite parses an upsert after INSERT ... SELECT only when the SELECT has a WHERE; ours always has.)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=keys, set_={name: stmt.excluded[name] for name in names if name not in keys}
-        )
-        session.execute(stmt)
-    else:  # other databases: fetch, then replace row by row (slower, the same result)
-        for row in session.execute(query).all():
-            values = dict(zip(names, row, strict=True))
-            session.execute(table.delete().where(and_(*(table.c[k] == values[k] for k in keys))))
-            session.execute(insert(table).values(values))
+    stmt = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table).from_select(names, query)
+    # (SQLite parses an upsert after INSERT ... SELECT only when the SELECT has a WHERE; ours always has.)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=keys, set_={name: stmt.excluded[name] for name in names if name not in keys}
+    )
+    return query, stmt
 
 
 # ---------------------------------------------------------------- queries
