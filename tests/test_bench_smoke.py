@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("queries", ["loss series:", "heatmap (layer x step):", "histogram over time:"]),
         ("latency", ["log -> dashboard latency:"]),
         ("peers", ["layerwatch every step:"]),
+        ("load", ["frames/s:", "layer-stat rows/s:", "send->ack per batch:", "runs incomplete or duplicated: 0"]),
     ],
 )
 def test_benchmark_runs_quick(name: str, expected: list[str]) -> None:
