@@ -1,10 +1,16 @@
 """Data functions over the tables: what ingest writes and what the REST routes read.
 
-Keyword-only arguments, no HTTP, no SQL outside this file. Writes go through
-`ingest_batch`, which stores one client batch in one transaction; reads return
-plain dataclasses and dicts that outlive the session. Upserts use the
-INSERT ... ON CONFLICT form that SQLite and PostgreSQL share, so the same code
-runs on both.
+Keyword-only arguments, no HTTP, no SQL outside this file (and server/rollup.py,
+the step rollups it keeps). Writes go through `ingest_batch`, which stores one
+client batch in one transaction; reads return plain dataclasses and dicts that
+outlive the session. Upserts use the INSERT ... ON CONFLICT form that SQLite and
+PostgreSQL share, so the same code runs on both; on SQLite the per-layer rows
+(most of a batch) skip SQLAlchemy's per-row work and go to the driver as tuples.
+
+Series reads are downsampled when the range is longer than `max_points`: the
+bucket width is rounded to one the rollups serve (`rollup.plan`: between half
+and all of `max_points` buckets), each bucket keeps its extremes (a spike
+survives), and a window short enough comes back at full resolution.
 """
 
 from __future__ import annotations
@@ -470,9 +476,7 @@ DEFAULT_MAX_POINTS = 2000  # per trace: about a screen's width of pixels
 _LAST_STEP = 2**62  # an open-ended step range's end: past any step
 
 
-def _series_where(
-    table: Any, *, run_id: str, start: int | None, end: int | None, columns: dict[str, Any]
-) -> list[Any]:
+def _series_where(table: Any, *, run_id: str, start: int | None, end: int | None, columns: dict[str, Any]) -> list[Any]:
     """The where-clause of one run's rows in steps [start, end] whose `columns` have these values."""
     return [
         table.c.run_id == run_id,
@@ -516,8 +520,8 @@ def _bucketed(
     end: int | None,
     max_points: int | None,
     use_rollup: bool,
-) -> tuple[int, list[tuple[Any, ...]]]:
-    """(bucket width, rows (bucket, *series, *aggregates)) of one series query; see `rollup.cells`.
+) -> list[tuple[Any, ...]]:
+    """Rows (bucket, *series, *aggregates) of one series query; see `rollup.cells`.
 
     Past `max_points`, the width is rounded to one a rollup level serves (between
     half and all of `max_points` buckets); `use_rollup=False` computes the same
@@ -525,7 +529,7 @@ def _bucketed(
     """
     where = _series_where(spec.source, run_id=run_id, start=start, end=end, columns=columns)
     width, level = rollup.plan(_bucket_width(session, spec.source, where, start, end, max_points))
-    found = rollup.cells(
+    return rollup.cells(
         session,
         spec,
         run_id=run_id,
@@ -536,7 +540,6 @@ def _bucketed(
         width=width,
         level=level if use_rollup else None,
     )
-    return width, found
 
 
 def scalar_series(
@@ -555,10 +558,9 @@ def scalar_series(
     buckets and each keeps its minimum and maximum (at the bucket's first and last
     step), so a spike survives any zoom level. A NaN inside a bucket is dropped then.
     """
-    _, found = _bucketed(
-        session, rollup.SCALARS, run_id=run_id, columns={"key": key}, aggregates=("first_step", "last_step", "low",
-        "high"), start=start, end=end, max_points=max_points, use_rollup=use_rollup,
-    )  # fmt: skip
+    window = {"start": start, "end": end, "max_points": max_points, "use_rollup": use_rollup}
+    aggregates = ("first_step", "last_step", "low", "high")
+    found = _bucketed(session, rollup.SCALARS, run_id=run_id, columns={"key": key}, aggregates=aggregates, **window)
     steps: list[int] = []
     values: list[float | None] = []
     for _, first, last, low, high in sorted(found):
@@ -587,18 +589,19 @@ def heatmap(
 
     Rows follow the model's forward order; a step where a row has no value is None.
     Columns are the steps in [start, end]; with `max_points`, a longer range is cut
-    into buckets, each column labelled with its first step and holding the bucket's
-    extreme (MIN for `min`, MAX otherwise) so a spike survives.
+    into buckets, each column labelled with its first step (the earliest of any
+    row's) and holding the bucket's extreme (MIN for `min`, MAX otherwise) so a
+    spike survives.
     """
     if kind not in wire.TENSOR_KINDS:
         raise ValueError(f"kind must be one of {list(wire.TENSOR_KINDS)}, but got {kind!r}")
     if stat not in HEATMAP_STATS:
         raise ValueError(f"stat must be one of {list(HEATMAP_STATS)}, but got {stat!r}")
     columns = {"kind": kind} if param is None else {"kind": kind, "param": param}
-    _, found = _bucketed(
-        session, rollup.LAYER_STATS, run_id=run_id, columns=columns, aggregates=("first_step", stat), start=start,
-        end=end, max_points=max_points, use_rollup=use_rollup,
-    )  # fmt: skip
+    window = {"start": start, "end": end, "max_points": max_points, "use_rollup": use_rollup}
+    found = _bucketed(
+        session, rollup.LAYER_STATS, run_id=run_id, columns=columns, aggregates=("first_step", stat), **window
+    )
     if param is not None:  # rows come without the param they were asked for
         found = [(bucket, layer, param, first, value) for bucket, layer, first, value in found]
     first_steps: dict[int, int] = {}  # bucket -> its first step over all rows
@@ -640,12 +643,13 @@ def layer_series(
     With `max_points`, a longer [start, end] is cut into buckets; each point is the
     bucket's first step with each statistic's extreme in it (MIN for `min`, MAX otherwise).
     """
-    _, found = _bucketed(
-        session, rollup.LAYER_STATS, run_id=run_id, columns={"layer": layer, "param": param, "kind": kind},
-        aggregates=("first_step", *HEATMAP_STATS), start=start, end=end, max_points=max_points,
-        use_rollup=use_rollup,
-    )  # fmt: skip
-    rows = sorted(found)  # (bucket, first_step, *stats)
+    window = {"start": start, "end": end, "max_points": max_points, "use_rollup": use_rollup}
+    columns = {"layer": layer, "param": param, "kind": kind}
+    aggregates = ("first_step", *HEATMAP_STATS)
+    rows = sorted(
+        _bucketed(session, rollup.LAYER_STATS, run_id=run_id, columns=columns, aggregates=aggregates, **window)
+    )
+    # rows: (bucket, first_step, *stats), by bucket
     out: dict[str, Any] = {"layer": layer, "param": param, "kind": kind, "steps": [r[1] for r in rows]}
     for i, name in enumerate(HEATMAP_STATS, start=2):
         out[name] = [r[i] for r in rows]
@@ -674,10 +678,8 @@ def histogram_series(
     """
     table = Histogram.__table__
     columns = {"layer": layer, "param": param, "kind": kind}
-    width, found = _bucketed(
-        session, rollup.HISTOGRAMS, run_id=run_id, columns=columns, aggregates=("last_step",), start=start, end=end,
-        max_points=max_points, use_rollup=use_rollup,
-    )  # fmt: skip
+    window = {"start": start, "end": end, "max_points": max_points, "use_rollup": use_rollup}
+    found = _bucketed(session, rollup.HISTOGRAMS, run_id=run_id, columns=columns, aggregates=("last_step",), **window)
     steps = sorted(last for _, last in found)
     rows = []
     for i in range(0, len(steps), _IN_CHUNK):  # point lookups on the primary key
