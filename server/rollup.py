@@ -143,6 +143,19 @@ def roll_up(
             _compute(session, spec, run_id=run_id, partition=partition, level=level, first=first, last=last)
 
 
+def missing(session: Session, *, run_id: str) -> bool:
+    """Whether a run has a complete bucket in some table but no rollup row (two short index
+    reads a table): a run stored before the rollups existed. (`rebuild` is one transaction
+    per run, so a run it did is done whole.)"""
+    for spec in SPECS:
+        exact, rolled = spec.source.c, spec.rollup.c
+        past_first_bucket = select(exact.step).where(exact.run_id == run_id, exact.step >= LEVELS[0]).limit(1)
+        first_level = select(rolled.level).where(rolled.run_id == run_id, rolled.level == LEVELS[0]).limit(1)
+        if session.scalar(past_first_bucket) is not None and session.scalar(first_level) is None:
+            return True
+    return False
+
+
 def rebuild(session: Session, *, run_id: str) -> None:
     """Every complete bucket of one run, from its exact rows (a database from before the rollups)."""
     for spec in SPECS:
