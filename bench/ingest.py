@@ -2,7 +2,9 @@
 
 Frames are built with `client_hook.wire` exactly as the sender builds them
 (layer_stats + histograms per step, weight/grad/activation rows per layer);
-batches of BATCH steps go over one websocket, each waiting for its ack.
+batches of BATCH steps go over one websocket, each waiting for its ack, as the
+sender does. The server's whole path is timed: JSON parse and validation, the
+rows, the step rollups, the diagnosis rules and the ack.
 """
 
 from __future__ import annotations
