@@ -157,7 +157,18 @@ class Spool:
 
     @property
     def bytes(self) -> int:
-        """Bytes the spool's files take on disk."""
+        """Bytes the spool's files take on disk (the kept run_start once written included)."""
+        start = self.run_start.size if self._run_start_written and self.run_start is not None else 0
+        return sum(s.bytes for s in self._segments) + start
+
+    @property
+    def _room(self) -> int:
+        """Bytes the segments may take: the cap less the run_start copy, written or about to be."""
+        start = self.run_start.size if self.run_start is not None else 0
+        return self.max_bytes - (start if start <= self.max_bytes else 0)
+
+    @property
+    def _segment_bytes(self) -> int:
         return sum(s.bytes for s in self._segments)
 
     @property
@@ -182,7 +193,7 @@ class Spool:
             raise OSError(f"the spool at {self.directory} failed earlier; it no longer takes frames")
         entries = list(entries)
         need = sum(e.size for e in entries)
-        if self.bytes + need > self.max_bytes:
+        if self._segment_bytes + need > self._room:
             entries = self._make_room(entries)
         if entries:
             self._write(entries)
@@ -193,19 +204,19 @@ class Spool:
         need = sum(e.size for e in entries)
         for cls in DROP_ORDER:
             for segment in list(self._segments):  # oldest first
-                if self.bytes + need <= self.max_bytes:
+                if self._segment_bytes + need <= self._room:
                     break
                 if segment.counts[cls]:
                     dropped[cls] += self._rewrite_without(segment, cls)
             kept = []
             for entry in entries:  # then the incoming frames, oldest first
-                if entry.cls == cls and self.bytes + need > self.max_bytes:
+                if entry.cls == cls and self._segment_bytes + need > self._room:
                     need -= entry.size
                     dropped[cls] += 1
                 else:
                     kept.append(entry)
             entries = kept
-            if self.bytes + need <= self.max_bytes:
+            if self._segment_bytes + need <= self._room:
                 break
         if dropped and self._on_drop is not None:
             self._on_drop(dict(dropped), f"the spool at {self.directory} is full ({self.max_bytes} bytes)")
@@ -232,7 +243,7 @@ class Spool:
         touched: list[tuple[_Segment, int, bool]] = []  # (segment, size before, created here)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            if self.run_start is not None and not self._run_start_written:
+            if self.run_start is not None and not self._run_start_written and self.run_start.size <= self.max_bytes:
                 (self.directory / RUN_START_FILE).write_text(self.run_start.text + "\n", encoding="ascii")
                 self._run_start_written = True
             start = 0

@@ -16,11 +16,11 @@ import httpx
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from client_hook import monitor
 from tests.serving import free_port, serve
+from tests.training import train_step
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +33,6 @@ def make(seed: int = 0) -> tuple[nn.Sequential, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     return model, torch.optim.SGD(model.parameters(), lr=0.05)
-
-
-def step(model: nn.Module, opt: torch.optim.Optimizer, mon: monitor.Monitor | None, x: torch.Tensor, y: torch.Tensor):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    if mon is not None:
-        mon.log(loss=loss, targets=y)
-    return loss
 
 
 def batch(g: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +50,7 @@ def test_no_grad_eval_loops_between_steps_make_no_stats_and_no_steps(url: str) -
     mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
-        step(model, opt, mon, *batch(g))
+        train_step(model, opt, *batch(g), mon=mon)
         with torch.no_grad():  # a validation pass on inputs no training batch looks like
             model.eval()
             for _ in range(3):
@@ -81,7 +71,7 @@ def test_torch_compile_after_attach_trains_and_steps_arrive(url: str) -> None:
     mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
     compiled = torch.compile(model, backend="eager")
     g = torch.Generator().manual_seed(1)
-    losses = [step(compiled, opt, mon, *batch(g)).item() for _ in range(5)]
+    losses = [train_step(compiled, opt, *batch(g), mon=mon).item() for _ in range(5)]
     mon.close()
     loss = get(url, mon.run_id, "scalars", key="loss")
     assert loss["steps"] == list(range(5))
@@ -95,7 +85,7 @@ def test_data_parallel_wrapper_trains_and_steps_arrive(url: str) -> None:
     wrapped = nn.DataParallel(model)  # no GPU: it calls the module itself
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
-        step(wrapped, opt, mon, *batch(g))
+        train_step(wrapped, opt, *batch(g), mon=mon)
     mon.close()
     assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(5))
     grads = get(url, mon.run_id, "layer_stats", layer="2", param="weight", kind="grad")
@@ -140,7 +130,7 @@ def test_forked_dataloader_workers_send_nothing_and_training_exits_cleanly(
     with caplog.at_level(logging.WARNING, logger="layerwatch"):
         for _epoch in range(2):  # workers start and exit each epoch
             for x, y, sender_in_worker in loader:
-                step(model, opt, mon, x, y)
+                train_step(model, opt, x, y, mon=mon)
                 flags += sender_in_worker.tolist()
         assert mon.status()["connected"]
         mon.close()
@@ -157,10 +147,10 @@ def test_model_moved_to_double_after_attach_keeps_training(url: str, caplog: pyt
     g = torch.Generator().manual_seed(4)
     with caplog.at_level(logging.WARNING, logger="layerwatch"):
         for _ in range(3):
-            step(model, opt, mon, *batch(g))
+            train_step(model, opt, *batch(g), mon=mon)
         model.double()  # parameters change dtype in place; the optimizer keeps them
         for _ in range(3):
-            step(model, opt, mon, *batch(g, torch.float64))
+            train_step(model, opt, *batch(g, torch.float64), mon=mon)
         mon.close()
     assert model[0].weight.dtype == torch.float64
     assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(6))
@@ -187,7 +177,7 @@ def test_bit_identical_weights_with_the_spool_in_use(tmp_path: Path) -> None:
             )
         g = torch.Generator().manual_seed(5)
         for _ in range(40):
-            step(model, opt, mon, *batch(g))
+            train_step(model, opt, *batch(g), mon=mon)
             torch.rand(1)  # the global RNG must be left alone too
         spooled = 0
         if mon is not None:

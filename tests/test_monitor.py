@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from client_hook import monitor, stats
 from client_hook.spool import read_segment
 from client_hook.wire import LAYER_STAT_COLUMNS
+from tests.training import train_step
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: connection refused at once
 
@@ -61,12 +62,7 @@ def train(
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.log(loss=loss, targets=y)
+        train_step(model, opt, x, y, mon)
 
 
 def make(seed: int = 0) -> tuple[Net, torch.optim.Optimizer]:

@@ -19,12 +19,12 @@ import httpx
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from client_hook import monitor, wire
 from client_hook.sender import envelope
 from client_hook.spool import Entry, Spool, encode, read_segment
 from tests.serving import free_port, serve
+from tests.training import train_step
 
 STEPS = 60
 
@@ -39,12 +39,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, mon: monitor.Monitor | N
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.log(loss=loss, targets=y)
+        train_step(model, opt, x, y, mon)
 
 
 def settled(mon: monitor.Monitor, timeout: float = 20.0) -> None:
