@@ -196,3 +196,30 @@ def test_bit_identical_weights_with_the_spool_in_use(tmp_path: Path) -> None:
     for key, value in plain.items():
         assert torch.equal(value, watched[key]), key
     assert torch.equal(plain_rng, watched_rng)
+
+
+def test_the_monitor_keeps_no_autograd_graph_or_activation_alive(url: str) -> None:
+    """What the hooks read on a sampled step is copied out of the graph: once the training
+    drops its output, loss and their graph, nothing of them survives in the monitor."""
+    import gc
+    import weakref
+
+    model, opt = make(7)
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
+    g = torch.Generator().manual_seed(7)
+    refs = []
+    for _ in range(4):  # every step sampled: activation, grad and weight hooks all fire
+        x, y = batch(g)
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.log(loss=loss, targets=y)
+        refs += [weakref.ref(out), weakref.ref(loss), weakref.ref(x)]  # a graph alive keeps `out` alive
+        del out, loss, x, y
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, f"the monitor keeps {len(alive)} tensor(s) of the training alive"
+    assert all(p.grad is None or p.grad.grad_fn is None for p in model.parameters())
+    mon.close()
