@@ -21,8 +21,8 @@ import pytest
 from websockets.sync.client import connect
 
 from client_hook import wire
-from server import store
-from server.db import make_engine, make_session_factory
+from server import rollup, store
+from server.db import init_db, make_engine, make_session_factory
 from tests.conftest import stat_row
 from tests.serving import serve
 
@@ -162,4 +162,20 @@ def test_a_real_server_answers_from_its_rollups_as_the_exact_rows_do(tmp_path: P
                 exact = store.histogram_series(session, run_id="run", **p, **window, use_rollup=False)
             assert len(served["steps"]) > 1
             assert served == _json(exact), (path, params)
+    engine.dispose()
+
+
+def test_one_series_is_read_through_the_rollup_s_series_index(tmp_path: Path) -> None:
+    """SQLite's planner, left alone, scans every series' rollup rows in the bucket range."""
+    engine = make_engine(f"sqlite:///{tmp_path}/p.db")
+    init_db(engine)
+    with make_session_factory(engine)() as session:
+        for spec in (rollup.LAYER_STATS, rollup.HISTOGRAMS):
+            series = {"layer": "l1", "param": "weight", "kind": "grad"}
+            piece = (64, 0, 100)
+            query = rollup._piece_query(spec, "run", series, [], list(spec.aggregates[:1]), 64, piece)
+            index = rollup._index_for(spec, piece, [])
+            sql, params = rollup.driver_sql(engine.dialect, query, table=spec.rollup.name, index=index)
+            plan = session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
+            assert spec.series_index and spec.series_index in str(plan), plan
     engine.dispose()
