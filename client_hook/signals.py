@@ -14,12 +14,16 @@ for *every* optimizer step, what the diagnosis rules must never miss:
   with per-module hooks to name the first module whose output went non-finite
   (RNG state and module buffers are restored, so the replay leaves no trace);
 - whether `.grad` still held the previous step's values when the next backward
-  began (a tensor hook on the output fires at the very start of backward);
+  began (a hook on one parameter, registered once, fires when its new gradient
+  is ready and before it is added to `.grad`);
 - every gradient's norm as the optimizer sees it (`torch._foreach_norm`, one
   fused call), for the global norm and to name gradients holding NaN/Inf.
 
-All of it is packed into one small vector per step and copied to the host once
-(non-blocking on CUDA; the sender thread waits, not training).
+Every op costs ~2-5 us of dispatch on the CPU whatever its size, so the
+per-step work is ~10 ops in all, and nothing is read back in the training
+thread: on the CPU the sender thread reads the 0-d results in place; on other
+devices they are packed into one small vector and copied to the host once,
+non-blocking (the sender thread waits, not training).
 """
 
 from __future__ import annotations
@@ -29,34 +33,42 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from client_hook.tensors import HostCopy, first_float_tensor
 
-FINGERPRINT_ELEMENTS = 4096  # elements of the input that enter the fingerprint's weighted sum
+FINGERPRINT_ELEMENTS = 1024  # strided input elements read for mean, std and the fingerprint's weighted sum
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
 TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
-STALE_PROBES = 1  # parameters whose .grad is checked at the start of the next backward
+PROBE_ELEMENTS = 1024  # gradient elements read at the start of backward to tell stale from zeroed
+PROBE_MIN_NUMEL = 8  # the probe is the smallest parameter of at least this size (a bias, usually)
+# Modules that draw random numbers in training mode: their forwards are replayed with the same RNG state.
+RANDOM_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
 
-# Slots of the per-step vector; gradient norms follow them.
-_IN_SUM, _IN_SUB_SUM, _IN_SUB_SQ, _IN_DOT, _OUT_SUM, _STALE, _GRAD_NORM = range(7)
-_WIDTH = 7
 
+def input_summary(
+    x: torch.Tensor, weights: torch.Tensor, *, whole: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """([subset sum, subset weighted sum], subset sum of squares, sum of all of `x` if `whole`), in x's dtype.
 
-@torch.no_grad()
-def input_summary(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[sum, subset sum, subset sum of squares, subset weighted sum] of `x`, float64, on its device.
-
-    One pass over the whole input (its sum: non-finite iff an element is, and
-    half of the fingerprint); the rest reads a fixed strided subset of at most
-    FINGERPRINT_ELEMENTS, which estimates mean and std well enough to tell
-    standardized data from raw pixels, and costs the same for any batch size.
+    `weights` is `subset_weights(...)`: a (2, n) matrix of ones and fixed position
+    weights. A fixed strided subset of n elements estimates mean and std well
+    enough to tell standardized data from raw pixels (the rules compare them with
+    1e-3 and 10) and fingerprints the batch (its sum and position-weighted sum),
+    at the same cost for any batch size: a view and two ops (mv, dot), each ~2-10 us
+    of dispatch on the CPU. The sum of the whole input (non-finite iff an element
+    is) is one more op and a full pass; on the CPU the hooks skip it, as a
+    non-finite input shows in the output's sum, read there anyway (`nonfinite_count`).
+    Call it under no_grad (the hooks run there).
     """
-    flat = x.detach().reshape(-1)
-    subset = flat[:: subset_stride(flat.numel())][: weights.numel()]
-    # float32 sums (a float64 accumulation of the whole input costs ~8x more on CPU);
-    # the subset statistics are only compared with thresholds 1e-3 and 10.
-    parts = [flat.sum(), subset.sum(), subset.dot(subset), subset.dot(weights[: subset.numel()].to(subset.dtype))]
-    return torch.stack(parts).double()
+    flat = x if x.is_contiguous() else x.reshape(-1)  # a copy only for a non-contiguous input
+    subset = flat.as_strided((weights.shape[1],), (subset_stride(x.numel()),))  # a view, in storage order
+    return torch.mv(weights, subset), subset.dot(subset), flat.sum() if whole else None
+
+
+def nonfinite_count(x: torch.Tensor) -> int:
+    """NaN/Inf elements of `x`: a host read, for the rare step whose output went non-finite (CPU)."""
+    return x.numel() - int(torch.isfinite(x).sum())
 
 
 def subset_stride(numel: int) -> int:
@@ -64,64 +76,138 @@ def subset_stride(numel: int) -> int:
     return max(1, numel // FINGERPRINT_ELEMENTS)
 
 
-class SignalsItem:
-    """One step's signals, decoded into a `signals` frame in the sender thread."""
+def subset_size(numel: int) -> int:
+    """How many elements the strided subset of an input of `numel` elements holds."""
+    return min(-(-numel // subset_stride(numel)), FINGERPRINT_ELEMENTS)
 
-    def __init__(self, step: int, vector: torch.Tensor | None, labels: list[str], fields: dict[str, Any]) -> None:
-        self.step, self.labels, self.fields = step, labels, fields
-        self._copy = HostCopy(vector) if vector is not None else None  # the step's one small copy
+
+def subset_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[ones; linspace(1, 2)] of width n: one mv gives the subset's sum and its position-weighted sum
+    (fixed, position-dependent weights: a reordered batch changes the fingerprint)."""
+    return torch.stack([torch.ones(n), torch.linspace(1.0, 2.0, n)]).to(dtype=dtype, device=device)
+
+
+class SignalsItem:
+    """One step's signals as the training thread left them; the `signals` frame is made in the sender thread.
+
+    `values` are 0-d tensors (or floats already on the host) in a fixed order: on
+    the CPU they are read here, one by one, at no cost to training; on other
+    devices they were packed into one vector and copied to the host once,
+    non-blocking (`packed`), and this thread waits for that copy.
+    """
+
+    __slots__ = ("step", "fields", "values", "labels", "input_n", "_copy")
+
+    def __init__(
+        self, step: int, fields: dict[str, Any], values: list[Any], labels: list[str], input_n: int, packed: bool
+    ) -> None:
+        self.step, self.fields, self.labels, self.input_n = step, fields, labels, input_n
+        self.values: list[Any] = values
+        self._copy = HostCopy(_pack(values)) if packed else None
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
         fields = dict(self.fields)
-        if self._copy is not None:
-            v = self._copy.get().tolist()
-            n = max(fields.pop("_input_n", 0), 1)
-            if fields.pop("_has_input", False):
-                finite = math.isfinite(v[_IN_SUM])
-                mean = v[_IN_SUB_SUM] / n
-                fields["input_mean"] = mean if finite else None
-                fields["input_std"] = math.sqrt(max(v[_IN_SUB_SQ] / n - mean * mean, 0.0)) if finite else None
-                fields["input_nonfinite"] = 0 if finite else 1  # "any", from the sum: no extra pass
-                fields["input_fingerprint"] = f"{v[_IN_SUM]:.17g}/{v[_IN_DOT]:.17g}"
-            if fields.pop("_has_output", False):
-                fields["output_nonfinite"] = not math.isfinite(v[_OUT_SUM])
-            if fields.pop("_has_stale", False):
-                fields["grads_stale"] = bool(v[_STALE])
-            if self.labels:
-                norms = v[_WIDTH:]
-                fields["grad_norm"] = v[_GRAD_NORM]
-                fields["nonfinite_grads"] = [label for label, n in zip(self.labels, norms) if not math.isfinite(n)]
+        v = self._copy.get().tolist() if self._copy is not None else _host_values(self.values)
+        at = 0
+        if self.input_n:
+            sub_sum, sub_dot, sub_sq = v[0:3]  # the order end_step appends them in
+            at = 3
+            if "input_nonfinite" in fields and fields["input_nonfinite"] is None:
+                fields["input_nonfinite"] = 0 if math.isfinite(v[3]) else 1  # "any", from the whole input's sum
+                at = 4
+            mean = sub_sum / self.input_n
+            std = math.sqrt(max(sub_sq / self.input_n - mean * mean, 0.0)) if math.isfinite(sub_sq) else math.nan
+            finite = not fields.get("input_nonfinite") and math.isfinite(mean) and math.isfinite(std)
+            fields["input_mean"] = mean if finite else None
+            fields["input_std"] = std if finite else None
+            fields["input_fingerprint"] = f"{sub_sum:.17g}/{sub_dot:.17g}"
+        if "output_nonfinite" in fields:
+            fields["output_nonfinite"] = not math.isfinite(v[at])
+            at += 1
+        if "grads_stale" in fields:
+            fields["grads_stale"] = v[at] != 0  # max |g| of the probe: any non-zero (or NaN) element
+            at += 1
+        if self.labels:
+            norms = v[at:]
+            # The global L2 norm, summed in float64 here: inf if a norm is inf, NaN if one is NaN.
+            fields["grad_norm"] = math.sqrt(sum(n * n for n in norms))
+            fields["nonfinite_grads"] = [label for label, n in zip(self.labels, norms) if not math.isfinite(n)]
         return [("signals", self.step, fields)] if fields else []
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _host_values(values: list[Any]) -> list[float]:
+    """The values as floats, flattened (CPU tensors and floats: read in place, no copy)."""
+    out: list[float] = []
+    for value in values:
+        read = value.tolist() if isinstance(value, torch.Tensor) else value
+        if isinstance(read, list):
+            out.extend(read)
+        else:
+            out.append(float(read))
+    return out
+
+
+def _pack(values: list[Any]) -> torch.Tensor:
+    """One float64 vector of a step's values (0-d and 1-d tensors, floats) for a single host copy.
+
+    Floats become `torch.full` on the tensors' device (a fill kernel; `torch.tensor(x, device=...)`
+    would be a blocking host-to-device copy). cat promotes dtypes: bool, float16, float32 -> one dtype.
+    """
+    device = next(t.device for t in values if isinstance(t, torch.Tensor))
+    parts = [
+        (t if t.dim() == 1 else t.reshape(1)) if isinstance(t, torch.Tensor) else torch.full((1,), t, device=device)
+        for t in values
+    ]
+    return torch.cat(parts).to(torch.float64)
 
 
 class StepSignals:
-    """The always-on hooks of one model; `end_step` packs and resets them."""
+    """The always-on hooks of one model; `end_step` hands the step over and resets them.
 
-    def __init__(self, model: nn.Module, names: dict[nn.Module, str], params: list[tuple[str, nn.Parameter]]) -> None:
+    Per step on the CPU (MLP, 2-core Xeon): ~10 tensor ops in all; nothing is packed
+    or copied there, the sender thread reads the 0-d results. Elsewhere one stack
+    and one non-blocking copy are added (`pack`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: dict[nn.Module, str],
+        params: list[tuple[str, nn.Parameter]],
+        pack: bool | None = None,
+    ) -> None:
         """`params`: ("layer.param" label, parameter) in model order. Register `before_forward`
         and `after_forward` on the top module (forward pre-hook and hook, `with_kwargs=True`),
-        wrapped so that they run only for grad-enabled forwards and never raise."""
+        wrapped so that they run only for grad-enabled forwards and never raise. `pack`: copy
+        the step's values to the host as one vector (default: on every device but the CPU)."""
         self.model, self._names, self._params = model, names, params
-        self._weights: dict[torch.device, torch.Tensor] = {}
+        self._pack = pack
+        self._weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._localisations = 0
         self._replaying = False
         self._check_stale = False
-        self._probes: list[nn.Parameter] = []
+        self._probe: nn.Parameter | None = None
+        self._probe_handle: RemovableHandle | None = None
+        small = sorted((p for _, p in params if p.numel() >= PROBE_MIN_NUMEL), key=lambda p: p.numel())
+        self._by_size = small + sorted((p for _, p in params if p.numel() < PROBE_MIN_NUMEL), key=lambda p: -p.numel())
         self.optimized: set[int] | None = None  # ids of the optimizer's parameters, when there is one
+        # The RNG state is kept for a replay only if a module draws random numbers (get_rng_state
+        # is a ~5 KB copy, ~5-8 us a step); a functional dropout in a custom forward is not seen,
+        # and its replay then draws other masks (the bad module is usually named all the same).
+        self._random = any(isinstance(m, RANDOM_MODULES) for m in model.modules())
+        self._labels: list[str] = []
+        self._present: list[bool] = []  # which parameters had a gradient when `_labels` was built
         self._reset()
 
     def _reset(self) -> None:
         self._training: bool | None = None
-        self._input: torch.Tensor | None = None
+        self._input: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._input_n = 0
-        self._output_sum: torch.Tensor | None = None
-        self._stale: torch.Tensor | bool | None = None
-        self._norms: torch.Tensor | None = None
-        self._norm_labels: list[str] = []
+        self._input_nonfinite: int | None = None  # counted on the host (CPU), from the output's sum
+        self._output_sum: torch.Tensor | float | None = None
+        self._stale: torch.Tensor | float | None = None
+        self._norms: list[torch.Tensor] | None = None
+        self._device: torch.device | None = None
         self._first_nonfinite: str | None = None
         self._rng: torch.Tensor | None = None
 
@@ -135,10 +221,15 @@ class StepSignals:
         if x is None or x.numel() == 0:
             return
         if self._input is None:  # the step's first forward (gradient accumulation: its first micro-batch)
-            weights = self._fingerprint_weights(x.device)
-            self._input = input_summary(x, weights)
-            self._input_n = min(len(range(0, x.numel(), subset_stride(x.numel()))), weights.numel())
-        if x.device.type == "cpu" and self._localisations < MAX_LOCALISATIONS:
+            n = subset_size(x.numel())
+            key = (n, x.dtype, x.device)
+            weights = self._weights.get(key)
+            if weights is None:
+                weights = self._weights[key] = subset_weights(n, x.dtype, x.device)
+            self._input = input_summary(x, weights, whole=x.device.type != "cpu")
+            self._input_n = n
+            self._device = x.device
+        if self._random and x.device.type == "cpu" and self._localisations < MAX_LOCALISATIONS:
             self._rng = torch.get_rng_state()  # ~5 KB copy: lets a replay see the same dropout masks
 
     def after_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -147,91 +238,155 @@ class StepSignals:
         out = first_float_tensor(output)
         if out is None:
             return
-        total = out.detach().sum()  # non-finite iff an element is (a float64 sum costs ~8x more)
-        self._output_sum = total if self._output_sum is None else self._output_sum + total
-        if self._check_stale and out.requires_grad:
-            out.register_hook(self._at_backward_start)
-            self._check_stale = False
-        # On the CPU the flag is already on the host: reading it costs nothing.
-        if out.device.type == "cpu" and self._first_nonfinite is None and not math.isfinite(total.item()):
-            if self._localisations < MAX_LOCALISATIONS and self._rng is not None:
+        total = out.sum()  # non-finite iff an element is (or it overflows: absurd anyway); hooks run under no_grad
+        if out.device.type != "cpu":  # reading it would be a device sync: the sender thread reads it
+            self._output_sum = total if self._output_sum is None else self._output_sum + total
+            self._device = self._device or out.device
+            return
+        # On the CPU the sum is already on the host: reading it costs ~1 us and no sync.
+        value = total.item()
+        self._output_sum = value if self._output_sum is None else self._output_sum + value
+        if self._input is not None and self._input[2] is None and self._input_nonfinite is None:
+            # The input's NaN/Inf would have reached the output: count them only then (a rare full pass).
+            x = first_float_tensor((args, kwargs)) if not math.isfinite(value) else None
+            self._input_nonfinite = nonfinite_count(x) if x is not None else 0
+        if self._first_nonfinite is None and not math.isfinite(value):
+            if self._localisations < MAX_LOCALISATIONS:
                 self._localisations += 1
                 self._first_nonfinite = self._locate(args, kwargs)
 
-    def _at_backward_start(self, grad: torch.Tensor) -> None:
-        """Fires when backward reaches the model's output: no parameter gradient is added yet."""
+    def _at_probe_grad(self, grad: torch.Tensor) -> None:
+        """Fires in every backward when the probe's new gradient is ready, before it is added to `.grad`.
+
+        Only the first backward after a step looks: what `.grad` holds then is
+        what the previous step left, unless it was zeroed (micro-batches of
+        gradient accumulation come later and are not looked at).
+        """
+        if not self._check_stale:
+            return None
+        self._check_stale = False
+        enabled = torch.is_grad_enabled()  # backward with create_graph=True runs with grad mode on
+        torch._C._set_grad_enabled(False)
         try:
-            held = [p.grad for p in self._probes if p.grad is not None]
-            if not held:  # zero_grad(set_to_none=True), the default: known clean, no tensor op
-                self._stale = False
+            held = self._probe.grad if self._probe is not None else None
+            if held is None:  # zero_grad(set_to_none=True), the default: known clean, no tensor op
+                self._stale = 0.0
             else:
-                with torch.no_grad():
-                    self._stale = torch.stack([g.ne(0).any() for g in held]).any()
+                # The 1-norm (no squares to underflow) of a strided subset of a small parameter's gradient:
+                # zeroed gradients give exactly 0, what the previous step left gives > 0 (or NaN). One op
+                # and a view (the inf-norm would be ~30x dearer on the CPU, a bool mask ~10x).
+                flat = held if held.is_contiguous() else held.reshape(-1)
+                n = min(flat.numel(), PROBE_ELEMENTS)
+                subset = flat.as_strided((n,), (flat.numel() // n,))
+                self._stale = torch.linalg.vector_norm(subset, 1)
         except Exception:  # never into the user's backward; the signal is simply missing
             self._stale = None
+        finally:
+            torch._C._set_grad_enabled(enabled)
         return None  # the gradient flows on unchanged
+
+    def _watch(self, probe: nn.Parameter | None) -> None:
+        """Hook `probe` (once; again only when the probe changes): no per-step registration (~5-15 us)."""
+        if probe is self._probe:
+            return
+        self.remove()
+        if probe is not None and probe.requires_grad:
+            self._probe_handle = probe.register_hook(self._at_probe_grad)
+            self._probe = probe
+
+    def remove(self) -> None:
+        """Remove the probe's hook (the top module's hooks are the collector's); safe twice."""
+        if self._probe_handle is not None:
+            self._probe_handle.remove()
+        self._probe, self._probe_handle = None, None
 
     # ------------------------------------------------------------ optimizer side
 
     def read_grad_norms(self) -> None:
-        """Every gradient's L2 norm as the optimizer sees it; one fused call."""
-        labelled = [(label, p.grad) for label, p in self._params if p.grad is not None and not p.grad.is_sparse]
-        if not labelled:
+        """Every gradient's L2 norm as the optimizer sees it; one fused call, nothing read back."""
+        grads, present = [], []
+        for _, p in self._params:
+            g = p.grad
+            dense = g is not None and not g.is_sparse
+            present.append(dense)
+            if dense:
+                grads.append(g)
+        if not grads:
             return
-        self._norm_labels = [label for label, _ in labelled]
-        norms = torch._foreach_norm([g.detach() for _, g in labelled])
-        self._norms = torch.stack(norms).to(torch.float64)
+        if present != self._present:  # labels rebuilt only when the set of gradients changes
+            self._present = present
+            self._labels = [label for (label, _), has in zip(self._params, present) if has]
+        self._norms = torch._foreach_norm(grads)  # hooks run under no_grad: no detach needed
+        self._device = self._device or grads[0].device
 
-    def grad_norms(self, count: int) -> torch.Tensor | None:
-        """This step's gradient norms (float64, model order, gradients present and dense), if `count` of them
-        were read: the collector reuses them as the exact norms of a sample's gradient rows."""
-        return self._norms if self._norms is not None and self._norms.numel() == count else None
+    def grad_norms(self, count: int) -> list[torch.Tensor] | None:
+        """This step's gradient norms (0-d tensors, model order, gradients present and dense), if `count` of
+        them were read: the collector reuses them as the exact norms of a sample's gradient rows."""
+        return self._norms if self._norms is not None and len(self._norms) == count else None
 
     def end_step(self, step: int) -> SignalsItem:
-        """Pack this step's signals (one vector, one copy) and get ready for the next step."""
-        device = next((t.device for t in (self._input, self._output_sum, self._norms) if t is not None), None)
-        vector = None
+        """Hand this step's signals over (no tensor op on the CPU) and get ready for the next step."""
         fields: dict[str, Any] = {}
+        values: list[Any] = []
         if self._training is not None:
             fields["training"] = self._training
         if self._first_nonfinite is not None:
             fields["first_nonfinite"] = self._first_nonfinite
-        if device is not None:
-            # One stack and one cat of 0-d tensors: a handful of tiny ops per step.
-            nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-            head = list(self._input.unbind()) if self._input is not None else [nan] * 4
-            head.append(self._output_sum if self._output_sum is not None else nan)
-            if isinstance(self._stale, torch.Tensor):
-                head.append(self._stale.to(torch.float64))
-            else:  # None (not checked) or False (no gradient held at all)
-                head.append(nan if self._stale is None else torch.zeros((), dtype=torch.float64, device=device))
-            head.append(self._norms.norm() if self._norms is not None else nan)
-            fields["_has_input"] = self._input is not None
-            fields["_input_n"] = self._input_n
-            fields["_has_output"] = self._output_sum is not None
-            fields["_has_stale"] = self._stale is not None
-            parts = [torch.stack(head)]
-            if self._norms is not None:
-                parts.append(self._norms)
-            vector = torch.cat(parts) if len(parts) > 1 else parts[0]
-        item = SignalsItem(step, vector, self._norm_labels if self._norms is not None else [], fields)
-        # Only parameters the optimizer holds: optimizer.zero_grad() never zeroes the others,
-        # so a parameter left out of the optimizer would look stale in a correct loop.
-        held = [
-            p for _, p in self._params if p.grad is not None and (self.optimized is None or id(p) in self.optimized)
-        ]
-        self._probes = held[-STALE_PROBES:]
+        if self._input is not None:
+            sums, sub_sq, total = self._input
+            values += [sums, sub_sq]  # sums: [subset sum, subset weighted sum]
+            if self._input_nonfinite is not None:
+                fields["input_nonfinite"] = self._input_nonfinite
+            elif total is not None:
+                fields["input_nonfinite"] = None  # filled in by the sender thread from the whole input's sum
+                values.append(total)
+            # else (CPU, no floating output to tell by): not observed, the field stays absent
+        if self._output_sum is not None:
+            fields["output_nonfinite"] = None  # filled in by the sender thread
+            values.append(self._output_sum)
+        if self._stale is not None:
+            fields["grads_stale"] = None
+            values.append(self._stale)
+        if self._norms is not None:
+            values += self._norms
+        item = SignalsItem(
+            step,
+            fields,
+            values,
+            self._labels if self._norms is not None else [],
+            self._input_n if self._input is not None else 0,
+            packed=bool(values) and self._packs(),
+        )
+        self._watch(self._probe_candidate())
         self._check_stale = True
         self._reset()
         return item
+
+    def _packs(self) -> bool:
+        if self._pack is not None:
+            return self._pack
+        return self._device is not None and self._device.type != "cpu"
+
+    def _probe_candidate(self) -> nn.Parameter | None:
+        """The smallest parameter (of at least PROBE_MIN_NUMEL elements, if any) holding a gradient
+        that the optimizer steps: usually found at the first look in `_by_size`.
+
+        Only those: optimizer.zero_grad() never zeroes the others, so a parameter
+        left out of the optimizer would look stale in a correct loop.
+        """
+        for p in self._by_size:
+            if p.grad is not None and (self.optimized is None or id(p) in self.optimized):
+                return p
+        return None
 
     # ------------------------------------------------------------ localisation
 
     def _locate(self, args: Any, kwargs: Any) -> str | None:
         """Replay this forward to find the first module (in the order outputs were produced) gone non-finite.
 
-        Runs under no_grad with the RNG state of the original forward and
-        restores RNG and buffers afterwards, so training sees no difference.
+        Runs under no_grad with the RNG state of the original forward (when a module
+        draws random numbers) and restores RNG and buffers afterwards, so training
+        sees no difference.
         """
         x = first_float_tensor((args, kwargs))
         if x is not None and not bool(torch.isfinite(x).all()):
@@ -248,7 +403,8 @@ class StepSignals:
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         self._replaying = True
         try:
-            torch.set_rng_state(self._rng)
+            if self._rng is not None:  # kept when a module draws random numbers: the same masks again
+                torch.set_rng_state(self._rng)
             with torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
@@ -261,16 +417,8 @@ class StepSignals:
                     buffer.copy_(saved)
         return found[0] if found else self._names.get(self.model, "")
 
-    def _fingerprint_weights(self, device: torch.device) -> torch.Tensor:
-        weights = self._weights.get(device)
-        if weights is None:
-            # Fixed, position-dependent weights: a reordered batch changes the fingerprint.
-            weights = torch.linspace(1.0, 2.0, FINGERPRINT_ELEMENTS, device=device)
-            self._weights[device] = weights
-        return weights
 
-
-def target_counts(step: int, targets: Any) -> SignalsItem | None:
+def target_counts(step: int, targets: Any) -> _TargetCounts | None:
     """The class counts of `mon.log(targets=...)` as a signals item; None if they are not class labels."""
     if not isinstance(targets, torch.Tensor) or targets.numel() == 0:
         return None
@@ -281,12 +429,13 @@ def target_counts(step: int, targets: Any) -> SignalsItem | None:
     return _TargetCounts(step, flat)
 
 
-class _TargetCounts(SignalsItem):
+class _TargetCounts:
     """Targets copied to the host without waiting; counted in the sender thread."""
 
     def __init__(self, step: int, flat: torch.Tensor) -> None:
+        self.step = step
         # A CPU tensor is cloned (at most TARGET_ELEMENTS): the caller may reuse its buffer.
-        super().__init__(step, flat if flat.device.type == "cuda" else flat.clone(), [], {})
+        self._copy = HostCopy(flat if flat.device.type == "cuda" else flat.clone())
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
         values, counts = torch.unique(self._copy.get(), return_counts=True)
