@@ -536,7 +536,7 @@ def _bucketed(
         where=columns,
         aggregates=aggregates,
         first=0 if start is None else start,
-        last=_LAST_STEP if end is None else end,
+        last=_LAST_STEP if end is None else min(end, _LAST_STEP),  # bucket arithmetic stays in 64 bits
         width=width,
         level=level if use_rollup else None,
     )

@@ -86,6 +86,22 @@ def test_scalars(api: TestClient) -> None:
     assert api.get("/api/runs/run-1/scalars").status_code == 422  # key is required
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/scalars?key=loss",
+        "/heatmap?kind=grad&stat=norm",
+        "/layer_stats?layer=encoder&param=weight&kind=grad",
+        "/histograms?layer=encoder&param=weight&kind=grad",
+    ],
+)
+def test_the_largest_step_range_a_client_may_ask_for_is_answered(api: TestClient, path: str) -> None:
+    """end = 2**63 - 1 (the documented bound) once overflowed the rollup's bucket arithmetic: a 500."""
+    response = api.get(f"/api/runs/run-1{path}&start=0&end={2**63 - 1}")
+    assert response.status_code == 200, response.text
+    assert response.json()["steps"] == [0, 1, 2]
+
+
 def test_heatmap_rows_follow_the_model_not_the_alphabet(api: TestClient) -> None:
     heat = api.get("/api/runs/run-1/heatmap", params={"kind": "grad", "stat": "norm"}).json()
     assert heat["rows"] == ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
