@@ -35,9 +35,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from client_hook import stats
 from client_hook.tensors import HostCopy, first_float_tensor
 
-FINGERPRINT_ELEMENTS = 1024  # strided input elements read for mean, std and the fingerprint's weighted sum
+FINGERPRINT_ELEMENTS = 256  # strided input elements read for mean, std (error ~1/16 of std) and the fingerprint
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
 TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
 PROBE_ELEMENTS = 1024  # gradient elements read at the start of backward to tell stale from zeroed
@@ -47,22 +48,22 @@ RANDOM_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn
 
 
 def input_summary(
-    x: torch.Tensor, weights: torch.Tensor, *, whole: bool
+    x: torch.Tensor, weights: torch.Tensor, stride: int, *, whole: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """([subset sum, subset weighted sum], subset sum of squares, sum of all of `x` if `whole`), in x's dtype.
 
-    `weights` is `subset_weights(...)`: a (2, n) matrix of ones and fixed position
-    weights. A fixed strided subset of n elements estimates mean and std well
-    enough to tell standardized data from raw pixels (the rules compare them with
-    1e-3 and 10) and fingerprints the batch (its sum and position-weighted sum),
-    at the same cost for any batch size: a view and two ops (mv, dot), each ~2-10 us
-    of dispatch on the CPU. The sum of the whole input (non-finite iff an element
-    is) is one more op and a full pass; on the CPU the hooks skip it, as a
-    non-finite input shows in the output's sum, read there anyway (`nonfinite_count`).
-    Call it under no_grad (the hooks run there).
+    `weights` is `subset_weights(...)`, a (2, n) matrix of ones and fixed position
+    weights; n and `stride` are `input_layout(x.shape)`. The strided subset of n
+    elements estimates mean and std well enough to tell standardized data from raw
+    pixels (the rules compare them with 1e-3 and 10) and fingerprints the batch (its
+    sum and position-weighted sum), at the same cost for any batch size: a view and
+    two ops (mv, dot), each ~2-10 us of dispatch on the CPU. The sum of the whole
+    input (non-finite iff an element is) is one more op and a full pass; on the CPU
+    the hooks skip it, as a non-finite input shows in the output's sum, read there
+    anyway (`nonfinite_count`). Call it under no_grad (the hooks run there).
     """
     flat = x if x.is_contiguous() else x.reshape(-1)  # a copy only for a non-contiguous input
-    subset = flat.as_strided((weights.shape[1],), (subset_stride(x.numel()),))  # a view, in storage order
+    subset = flat.as_strided((weights.shape[1],), (stride,))  # a view, in storage order
     return torch.mv(weights, subset), subset.dot(subset), flat.sum() if whole else None
 
 
@@ -71,14 +72,11 @@ def nonfinite_count(x: torch.Tensor) -> int:
     return x.numel() - int(torch.isfinite(x).sum())
 
 
-def subset_stride(numel: int) -> int:
-    """The stride of the strided input subset: at most FINGERPRINT_ELEMENTS elements are read."""
-    return max(1, numel // FINGERPRINT_ELEMENTS)
-
-
-def subset_size(numel: int) -> int:
-    """How many elements the strided subset of an input of `numel` elements holds."""
-    return min(-(-numel // subset_stride(numel)), FINGERPRINT_ELEMENTS)
+def input_layout(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(n, stride) of an input's strided subset: at most FINGERPRINT_ELEMENTS elements, a prime stride
+    that divides no dimension (`stats.prime_stride`), so the subset crosses every row and column."""
+    stride = stats.prime_stride(tuple(shape), FINGERPRINT_ELEMENTS)
+    return -(-math.prod(shape) // stride), stride
 
 
 def subset_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -155,7 +153,9 @@ def _pack(values: list[Any]) -> torch.Tensor:
     """
     device = next(t.device for t in values if isinstance(t, torch.Tensor))
     parts = [
-        (t if t.dim() == 1 else t.reshape(1)) if isinstance(t, torch.Tensor) else torch.full((1,), t, device=device)
+        (t if t.dim() == 1 else t.reshape(1))
+        if isinstance(t, torch.Tensor)
+        else torch.full((1,), t, dtype=torch.float64, device=device)
         for t in values
     ]
     return torch.cat(parts).to(torch.float64)
@@ -164,9 +164,10 @@ def _pack(values: list[Any]) -> torch.Tensor:
 class StepSignals:
     """The always-on hooks of one model; `end_step` hands the step over and resets them.
 
-    Per step on the CPU (MLP, 2-core Xeon): ~10 tensor ops in all; nothing is packed
-    or copied there, the sender thread reads the 0-d results. Elsewhere one stack
-    and one non-blocking copy are added (`pack`).
+    Per step on the CPU: a view and 2 ops for the input, 1 for the output (read at
+    once), 2 for the stale probe, 1 fused call for the gradient norms; nothing is
+    packed or copied, the sender thread reads the 0-d results. When packing (off
+    the CPU): the whole input's sum, one cat, one non-blocking copy more.
     """
 
     def __init__(
@@ -181,8 +182,8 @@ class StepSignals:
         wrapped so that they run only for grad-enabled forwards and never raise. `pack`: copy
         the step's values to the host as one vector (default: on every device but the CPU)."""
         self.model, self._names, self._params = model, names, params
-        self._pack = pack
-        self._weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self.pack = pack
+        self._layouts: dict[tuple[torch.Size, torch.dtype, torch.device], tuple[int, int, torch.Tensor]] = {}
         self._localisations = 0
         self._replaying = False
         self._check_stale = False
@@ -221,12 +222,14 @@ class StepSignals:
         if x is None or x.numel() == 0:
             return
         if self._input is None:  # the step's first forward (gradient accumulation: its first micro-batch)
-            n = subset_size(x.numel())
-            key = (n, x.dtype, x.device)
-            weights = self._weights.get(key)
-            if weights is None:
-                weights = self._weights[key] = subset_weights(n, x.dtype, x.device)
-            self._input = input_summary(x, weights, whole=x.device.type != "cpu")
+            key = (x.shape, x.dtype, x.device)
+            layout = self._layouts.get(key)
+            if layout is None:  # once per input shape: (n, stride, weights)
+                n, stride = input_layout(x.shape)
+                layout = self._layouts[key] = (n, stride, subset_weights(n, x.dtype, x.device))
+            n, stride, weights = layout
+            # The whole input's sum where the output's sum is not read in the training thread (packed).
+            self._input = input_summary(x, weights, stride, whole=self._packs(x.device))
             self._input_n = n
             self._device = x.device
         if self._random and x.device.type == "cpu" and self._localisations < MAX_LOCALISATIONS:
@@ -362,10 +365,12 @@ class StepSignals:
         self._reset()
         return item
 
-    def _packs(self) -> bool:
-        if self._pack is not None:
-            return self._pack
-        return self._device is not None and self._device.type != "cpu"
+    def _packs(self, device: torch.device | None = None) -> bool:
+        """Whether this step's values go to the host as one packed copy (`pack`; default: off the CPU)."""
+        device = device or self._device
+        if self.pack is not None:
+            return self.pack
+        return device is not None and device.type != "cpu"
 
     def _probe_candidate(self) -> nn.Parameter | None:
         """The smallest parameter (of at least PROBE_MIN_NUMEL elements, if any) holding a gradient

@@ -209,15 +209,21 @@ def _summarize_rows(
 SUBSET_SIZE = 1 << 10
 
 
-@functools.lru_cache(maxsize=4096)
 def subset_stride(shape: tuple[int, ...]) -> int:
-    """The stride of the fixed subset of a tensor of `shape`: 1 (every element) up to SUBSET_SIZE elements,
-    else the smallest prime >= numel / SUBSET_SIZE that divides none of the dimensions, so the subset walks
-    through every row and column instead of repeating one column (a stride of 784 on [256, 784] would)."""
+    """The stride of the fixed subset of a tensor of `shape` (at most SUBSET_SIZE elements): `prime_stride`."""
+    return prime_stride(shape, SUBSET_SIZE)
+
+
+@functools.lru_cache(maxsize=4096)
+def prime_stride(shape: tuple[int, ...], size: int) -> int:
+    """The stride of a fixed strided subset of at most `size` elements of a tensor of `shape`: 1 (every
+    element) up to `size` elements, else the smallest prime >= numel / size that divides none of the
+    dimensions, so the subset walks through every row and column instead of repeating one column (a
+    stride of 784 on [256, 784] would; 196 on [64, 1, 28, 28] would read only each image's border)."""
     numel = math.prod(shape)
-    if numel <= SUBSET_SIZE:
+    if numel <= size:
         return 1
-    stride = max(2, -(-numel // SUBSET_SIZE))
+    stride = max(2, -(-numel // size))
     while not _is_prime(stride) or any(d % stride == 0 for d in shape if d > 1):
         stride += 1
     return stride

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from client_hook import monitor
+from client_hook import monitor, wire
 from tests.test_monitor import NOWHERE, frames
 
 
@@ -210,3 +210,59 @@ def test_a_sampled_step_reads_nothing_back_to_the_host_but_its_one_copy() -> Non
     # HostCopy's own .cpu() per copy (on CUDA a non-blocking copy into pinned memory instead), and
     # after_forward's CPU-only read of the output sum: nothing per tensor.
     assert sorted(calls) == sorted(["cpu"] * len(copies) + ["item"])
+
+
+def test_packed_signals_read_the_same() -> None:
+    """The packed path (one vector, one host copy: the path off the CPU) gives the frames the CPU path gives."""
+
+    def run(pack: bool | None) -> dict[int, dict]:
+        model = net(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        mon = monitor.attach(model, opt, server=NOWHERE, every=3, close_timeout=0.1)
+        mon._collector.signals.pack = pack
+        g = torch.Generator().manual_seed(2)
+        torch.manual_seed(4)
+        for i in range(4):
+            x, y = torch.randn(16, 6, generator=g) * 0.5, torch.randint(0, 3, (16,), generator=g)
+            step(model, opt, mon, x, y, zero=i != 2)  # step 2 forgets zero_grad: its backward finds stale ones
+        sig = {s: {k: v for k, v in f.items() if k in wire.SIGNAL_FIELDS} for s, f in signals_by_step(mon).items()}
+        mon.close()
+        return sig
+
+    in_place, packed = run(None), run(True)
+    assert in_place == packed
+    assert [in_place[s].get("grads_stale") for s in range(4)] == [None, False, True, False]
+    assert all(in_place[s]["input_nonfinite"] == 0 and in_place[s]["grad_norm"] > 0 for s in range(4))
+
+
+def test_nonfinite_input_outside_the_strided_subset_is_counted() -> None:
+    """The mean/std/fingerprint subset skips most elements; a NaN anywhere still reaches the output,
+    and the input is then counted whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 8), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x = torch.randn(64, 300)  # 19200 elements: a stride of 75 in the subset
+    x[0, 1] = float("nan")  # flat index 1: not read by the subset
+    x[5, 7] = float("inf")
+    step(model, opt, mon, x, torch.randint(0, 3, (64,)))
+    step(model, opt, mon, torch.randn(64, 300), torch.randint(0, 3, (64,)))
+    sig = signals_by_step(mon)
+    assert sig[0]["input_nonfinite"] == 2 and sig[0]["first_nonfinite"] == "input"
+    assert sig[0]["input_mean"] is None and sig[0]["output_nonfinite"] is True
+    assert sig[1]["input_nonfinite"] == 0 and sig[1]["input_mean"] == pytest.approx(0.0, abs=0.2)
+    mon.close()
+
+
+def test_the_stale_probe_hook_goes_with_close() -> None:
+    """The stale-gradient probe is a hook on one parameter, registered once: close() removes it."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        step(model, opt, mon, x, y)
+    hooked = [p for p in model.parameters() if p._backward_hooks]
+    assert len(hooked) == 1
+    mon.close()
+    assert not any(p._backward_hooks for p in model.parameters())
