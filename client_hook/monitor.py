@@ -300,9 +300,10 @@ class Monitor:
                     tuple(value.shape),
                 )
                 return None
+            value = value.detach()  # float() of a tensor that requires grad warns
             if value.device.type == "cuda":
-                return _Deferred(value.detach())
-            return float(value)  # CPU: no device sync involved (and no detach needed: one op less a step)
+                return _Deferred(value)
+            return float(value)  # CPU: no device sync involved
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         self._warn_once(
