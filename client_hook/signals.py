@@ -3,9 +3,10 @@
 Sampled statistics say how each layer is doing every few steps; these say,
 for *every* optimizer step, what the diagnosis rules must never miss:
 
-- the model's mode and its input batch (mean/std from a fixed strided subset,
-  whether anything is non-finite, and a fingerprint that repeats when the same
-  batch repeats) — read in a forward pre-hook on the top module;
+- the model's mode and its input batch (mean/std and a fingerprint that repeats
+  when the same batch repeats, from a fixed strided subset of 256 elements; the
+  NaN/Inf count) — read in a forward pre-hook on the top module; on the CPU the
+  input is counted whole only when the output went non-finite (NaN/Inf reach it);
 - whether the model's output went non-finite — its sum, taken in a forward hook
   on the top module, is non-finite exactly when an element is (or the sum
   overflows float32, i.e. the output is absurd anyway); `isfinite()` itself is a
@@ -19,11 +20,12 @@ for *every* optimizer step, what the diagnosis rules must never miss:
 - every gradient's norm as the optimizer sees it (`torch._foreach_norm`, one
   fused call), for the global norm and to name gradients holding NaN/Inf.
 
-Every op costs ~2-5 us of dispatch on the CPU whatever its size, so the
-per-step work is ~10 ops in all, and nothing is read back in the training
-thread: on the CPU the sender thread reads the 0-d results in place; on other
-devices they are packed into one small vector and copied to the host once,
-non-blocking (the sender thread waits, not training).
+Every op costs ~2-10 us of dispatch on the CPU whatever its size, so the
+per-step work is ~8 ops in all (one full pass: the gradient norms), and nothing
+but the output's sum is read back in the training thread: on the CPU the sender
+thread reads the 0-d results in place; on other devices they are packed into one
+small vector and copied to the host once, non-blocking (the sender thread waits,
+not training).
 """
 
 from __future__ import annotations
@@ -358,7 +360,7 @@ class StepSignals:
             values,
             self._labels if self._norms is not None else [],
             self._input_n if self._input is not None else 0,
-            packed=bool(values) and self._packs(),
+            packed=self._packs() and any(isinstance(v, torch.Tensor) for v in values),  # floats are on the host
         )
         self._watch(self._probe_candidate())
         self._check_stale = True
