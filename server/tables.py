@@ -111,20 +111,10 @@ class StepSignal(Base):
 WITHOUT_ROWID = {"sqlite_with_rowid": False}
 
 
-class LayerStat(Base):
-    __tablename__ = "layer_stats"
-    # No secondary index: every read is a step range of one run, which the primary key
-    # (run_id, step, ...) serves; whole-run reads go to the rollup. (Databases created
-    # before keep their ix_layer_stats_run_kind_step; it costs them an index write a row.)
-    __table_args__ = (WITHOUT_ROWID,)
+class StatColumns:
+    """One column per wire.LAYER_STAT_COLUMNS name after the key; counts are integers.
+    Shared by the exact rows (LayerStat) and their rollups (LayerStatRollup)."""
 
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    layer: Mapped[str] = mapped_column(NAME, primary_key=True)
-    param: Mapped[str] = mapped_column(NAME, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
-
-    # One column per wire.LAYER_STAT_COLUMNS name after the key; counts are integers.
     mean: Mapped[float | None] = mapped_column(Double)
     std: Mapped[float | None] = mapped_column(Double)
     rms: Mapped[float | None] = mapped_column(Double)
@@ -136,6 +126,20 @@ class LayerStat(Base):
     numel: Mapped[int | None] = mapped_column(BigInteger)
     update_ratio: Mapped[float | None] = mapped_column(Double)
     sat_frac: Mapped[float | None] = mapped_column(Double)
+
+
+class LayerStat(StatColumns, Base):
+    __tablename__ = "layer_stats"
+    # No secondary index: every read is a step range of one run, which the primary key
+    # (run_id, step, ...) serves; whole-run reads go to the rollup. (Databases created
+    # before keep their ix_layer_stats_run_kind_step; it costs them an index write a row.)
+    __table_args__ = (WITHOUT_ROWID,)
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    layer: Mapped[str] = mapped_column(NAME, primary_key=True)
+    param: Mapped[str] = mapped_column(NAME, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
 
 
 class Histogram(Base):
@@ -162,7 +166,7 @@ class Histogram(Base):
 # and the heatmap read bucket ranges of every series; an index serves one series' reads.
 
 
-class LayerStatRollup(Base):
+class LayerStatRollup(StatColumns, Base):
     """Per (kind, layer, param) and bucket: the first step and each statistic's extreme
     (MIN for `min`, MAX for the others), exactly what the heatmap and layer series show."""
 
@@ -179,17 +183,6 @@ class LayerStatRollup(Base):
     layer: Mapped[str] = mapped_column(NAME, primary_key=True)
     param: Mapped[str] = mapped_column(NAME, primary_key=True)
     first_step: Mapped[int] = mapped_column(BigInteger)
-    mean: Mapped[float | None] = mapped_column(Double)
-    std: Mapped[float | None] = mapped_column(Double)
-    rms: Mapped[float | None] = mapped_column(Double)
-    norm: Mapped[float | None] = mapped_column(Double)
-    min: Mapped[float | None] = mapped_column(Double)
-    max: Mapped[float | None] = mapped_column(Double)
-    nonfinite: Mapped[int | None] = mapped_column(BigInteger)
-    zero_frac: Mapped[float | None] = mapped_column(Double)
-    numel: Mapped[int | None] = mapped_column(BigInteger)
-    update_ratio: Mapped[float | None] = mapped_column(Double)
-    sat_frac: Mapped[float | None] = mapped_column(Double)
 
 
 class HistogramRollup(Base):
