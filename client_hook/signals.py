@@ -66,7 +66,16 @@ def input_summary(
     """
     flat = x if x.is_contiguous() else x.reshape(-1)  # a copy only for a non-contiguous input
     subset = flat.as_strided((weights.shape[1],), (stride,))  # a view, in storage order
-    return torch.mv(weights, subset), subset.dot(subset), flat.sum() if whole else None
+    if subset.dtype != weights.dtype:  # float16/bfloat16: sums in float32 (65504 is float16's largest)
+        subset = subset.to(weights.dtype)
+    total = flat.sum(dtype=_sum_dtype(x.dtype)) if whole else None
+    return torch.mv(weights, subset), subset.dot(subset), total
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions (a float16 sum of a large input or output overflows to inf: a false
+    "non-finite"), the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def nonfinite_count(x: torch.Tensor) -> int:
@@ -228,7 +237,7 @@ class StepSignals:
             layout = self._layouts.get(key)
             if layout is None:  # once per input shape: (n, stride, weights)
                 n, stride = input_layout(x.shape)
-                layout = self._layouts[key] = (n, stride, subset_weights(n, x.dtype, x.device))
+                layout = self._layouts[key] = (n, stride, subset_weights(n, _sum_dtype(x.dtype), x.device))
             n, stride, weights = layout
             # The whole input's sum where the output's sum is not read in the training thread (packed).
             self._input = input_summary(x, weights, stride, whole=self._packs(x.device))
@@ -243,7 +252,8 @@ class StepSignals:
         out = first_float_tensor(output)
         if out is None:
             return
-        total = out.sum()  # non-finite iff an element is (or it overflows: absurd anyway); hooks run under no_grad
+        # Non-finite iff an element is (or it overflows float32: absurd anyway); hooks run under no_grad.
+        total = out.sum(dtype=_sum_dtype(out.dtype))
         if out.device.type != "cpu":  # reading it would be a device sync: the sender thread reads it
             self._output_sum = total if self._output_sum is None else self._output_sum + total
             self._device = self._device or out.device

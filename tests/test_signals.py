@@ -266,3 +266,23 @@ def test_the_stale_probe_hook_goes_with_close() -> None:
     assert len(hooked) == 1
     mon.close()
     assert not any(p._backward_hooks for p in model.parameters())
+
+
+def test_half_precision_sums_do_not_overflow_into_false_nonfinite_flags() -> None:
+    """A float16 output or input summing past 65504 is finite all the same: the sums are taken in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4096)).half()
+    with torch.no_grad():
+        model[0].bias.fill_(8.0)  # 64 x 4096 outputs of ~8: a sum of ~2e6
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
+    x = (torch.rand(64, 64) * 20 + 10).half()  # a sum of ~82000, past float16's 65504
+    loss = model(x).float().square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mon.log(loss=loss)
+    sig = signals_by_step(mon)[0]
+    assert sig["output_nonfinite"] is False and sig["input_nonfinite"] == 0 and "first_nonfinite" not in sig
+    assert sig["input_mean"] == pytest.approx(x.float().mean().item(), rel=0.05)
+    mon.close()
