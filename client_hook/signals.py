@@ -208,6 +208,7 @@ class StepSignals:
         # and its replay then draws other masks (the bad module is usually named all the same).
         self._random = any(isinstance(m, RANDOM_MODULES) for m in model.modules())
         self._labels: list[str] = []
+        self._half = any(p.dtype in (torch.float16, torch.bfloat16) for _, p in params)  # fixed at attach
         self._present: list[bool] = []  # which parameters had a gradient when `_labels` was built
         self._reset()
 
@@ -331,7 +332,9 @@ class StepSignals:
         if present != self._present:  # labels rebuilt only when the set of gradients changes
             self._present = present
             self._labels = [label for (label, _), has in zip(self._params, present) if has]
-        self._norms = torch._foreach_norm(grads)  # hooks run under no_grad: no detach needed
+        # Hooks run under no_grad: no detach needed. Half-precision norms in float32: a float16 norm
+        # past 65504 would name a healthy gradient non-finite.
+        self._norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if self._half else torch._foreach_norm(grads)
         self._device = self._device or grads[0].device
 
     def grad_norms(self, count: int) -> list[torch.Tensor] | None:

@@ -269,15 +269,15 @@ def test_the_stale_probe_hook_goes_with_close() -> None:
 
 
 def test_half_precision_sums_do_not_overflow_into_false_nonfinite_flags() -> None:
-    """A float16 output or input summing past 65504 is finite all the same: the sums are taken in float32."""
+    """A float16 output, input or gradient norm past 65504 is finite all the same: sums and norms in float32."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 4096)).half()
     with torch.no_grad():
-        model[0].bias.fill_(8.0)  # 64 x 4096 outputs of ~8: a sum of ~2e6
+        model[0].bias.fill_(8.0)  # 256 x 4096 outputs of ~8: a sum of ~8e6
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mon = monitor.attach(model, opt, server=NOWHERE, close_timeout=0.1)
-    x = (torch.rand(64, 64) * 20 + 10).half()  # a sum of ~82000, past float16's 65504
-    loss = model(x).float().square().mean()
+    x = (torch.rand(256, 64) * 2 + 10).half()  # a sum of ~180000, past float16's 65504
+    loss = model(x).float().sum()  # weight gradient elements ~2816 (finite), its norm ~1.4e6
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -285,4 +285,5 @@ def test_half_precision_sums_do_not_overflow_into_false_nonfinite_flags() -> Non
     sig = signals_by_step(mon)[0]
     assert sig["output_nonfinite"] is False and sig["input_nonfinite"] == 0 and "first_nonfinite" not in sig
     assert sig["input_mean"] == pytest.approx(x.float().mean().item(), rel=0.05)
+    assert sig["nonfinite_grads"] == [] and 65504 < sig["grad_norm"] < float("inf")
     mon.close()
