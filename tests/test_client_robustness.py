@@ -66,17 +66,25 @@ def test_no_grad_eval_loops_between_steps_make_no_stats_and_no_steps(url: str) -
     assert run["last_step"] == 5 and run["status"] == "finished"
 
 
-def test_torch_compile_after_attach_trains_and_steps_arrive(url: str) -> None:
+def test_torch_compile_after_attach_trains_and_steps_arrive(url: str, recwarn: pytest.WarningsRecorder) -> None:
     model, opt = make(1)
     mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
     compiled = torch.compile(model, backend="eager")
     g = torch.Generator().manual_seed(1)
-    losses = [train_step(compiled, opt, *batch(g), mon=mon).item() for _ in range(5)]
-    mon.close()
+    try:
+        losses = [train_step(compiled, opt, *batch(g), mon=mon).item() for _ in range(5)]
+    finally:
+        mon.close()
+        torch._dynamo.reset()
     loss = get(url, mon.run_id, "scalars", key="loss")
     assert loss["steps"] == list(range(5))
     assert loss["values"] == pytest.approx(losses, rel=1e-6)
-    torch._dynamo.reset()
+    # The hooks run eagerly (torch.compiler.disable), so the compiled model's activations are measured ...
+    acts = get(url, mon.run_id, "layer_stats", layer="0", param="output", kind="activation")
+    assert acts["steps"] == list(range(5))
+    # ... and dynamo never traced into our code (it warned about our caches and timers when it did).
+    traced = [str(w.message) for w in recwarn if "client_hook" in str(w.message) or "perf_counter" in str(w.message)]
+    assert traced == []
 
 
 def test_data_parallel_wrapper_trains_and_steps_arrive(url: str) -> None:
