@@ -1,7 +1,18 @@
 """Access tokens: who may read runs (REST, /ws/live) and who may send them (/ws/ingest).
 
 A server started with a token (`layerwatch serve --token T`, env
-LAYERWATCH_TOKEN) requires it everywhere data goes in or out:
+LAYERWATCH_TOKEN) requires it everywhere data goes in or out; project tokens
+(`--project-token vision=T2`, env LAYERWATCH_PROJECT_TOKENS) open one project
+each. Either kind turns access control on:
+
+- the server token sees and sends every project, and manages webhooks;
+- a project token sees only its project's runs (the others answer 404, as if
+  absent, and the run list and /ws/live leave them out), sends only runs of
+  its project (a run_start naming another project, or frames for another
+  project's run, are refused), and may not manage webhooks (they reach
+  every project's alerts): 403.
+
+Where tokens are read:
 
 - REST under /api: `Authorization: Bearer T`, else 401 with a JSON `detail`
   and `WWW-Authenticate: Bearer`. `/api/health` stays open (it is what
@@ -10,8 +21,9 @@ LAYERWATCH_TOKEN) requires it everywhere data goes in or out:
   headers on a websocket. A refused /ws/live is closed with CLOSE_UNAUTHORIZED.
 
 The dashboard's own files (HTML/JS/CSS, plotly.min.js) need no token: the page
-must load to ask for one. Tokens are compared with hmac.compare_digest, so the
-time a wrong guess takes says nothing about how much of it was right.
+must load to ask for one. Tokens are compared with hmac.compare_digest, each
+one every time, so the time a wrong guess takes says nothing about how much of
+it was right, nor which token it came close to.
 """
 
 from __future__ import annotations
@@ -21,9 +33,12 @@ import ipaddress
 import logging
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request, WebSocket, status
+
+from server.settings import Settings
 
 # Open even when a token is set: start-up checks and load balancers poll it.
 OPEN_PATHS = frozenset({"/api/health"})
@@ -36,15 +51,47 @@ TOKEN_REQUIRED = "this server requires an access token: send 'Authorization: Bea
 TOKEN_WRONG = "the access token is wrong"
 
 
-def token_problem(offered: str | None, expected: str | None) -> str | None:
-    """None if `offered` may pass a server whose token is `expected`; else what is wrong, in words."""
-    if expected is None:
-        return None
+@dataclass(frozen=True)
+class Access:
+    """What a request may read and send: every project (`project` None), or one project's runs."""
+
+    project: str | None = None
+
+    def allows(self, project: str) -> bool:
+        return self.project is None or self.project == project
+
+    def refusal(self, run_id: str, project: str) -> str:
+        """Why this access may not send to run `run_id` of `project` (which it does not allow)."""
+        return (
+            f"this token is for project {self.project!r} only, but run {run_id!r} belongs to project "
+            f"{project!r}: use that project's token (or the server's) to send it"
+        )
+
+
+EVERYTHING = Access()
+
+
+class Refused(Exception):
+    """A token that opens nothing here; the message says what is wrong, never the token."""
+
+
+def access_for(offered: str | None, settings: Settings) -> Access:
+    """The access `offered` (a token, or None) opens on a server with `settings`; else Refused."""
+    if not settings.auth_required:
+        return EVERYTHING
     if not offered:
-        return TOKEN_REQUIRED
-    if not hmac.compare_digest(offered.encode(), expected.encode()):
-        return TOKEN_WRONG
-    return None
+        raise Refused(TOKEN_REQUIRED)
+    given = offered.encode()
+    granted: Access | None = None
+    # Every token compared, match or not: the time taken is the same whichever one matches.
+    if settings.token is not None and hmac.compare_digest(given, settings.token.encode()):
+        granted = EVERYTHING
+    for project, token in settings.project_tokens.items():
+        if hmac.compare_digest(given, token.encode()):
+            granted = granted or Access(project)
+    if granted is None:
+        raise Refused(TOKEN_WRONG)
+    return granted
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -60,33 +107,47 @@ def bearer_token(authorization: str | None) -> str | None:
     return credential.strip()
 
 
-def require_token(request: Request) -> None:
-    """FastAPI dependency for the REST routers: 401 unless the request carries the server's token."""
-    expected = request.app.state.settings.token
+def require_token(request: Request) -> Access:
+    """FastAPI dependency for the REST routers: what this request may see, else 401.
+
+    Routes take it again as `AccessDep`; FastAPI runs it once per request.
+    """
+    settings: Settings = request.app.state.settings
     route = request.scope.get("route")
-    if expected is None or getattr(route, "path", None) in OPEN_PATHS:
-        return
+    if not settings.auth_required or getattr(route, "path", None) in OPEN_PATHS:
+        return EVERYTHING
     try:
-        problem = token_problem(bearer_token(request.headers.get("authorization")), expected)
-    except ValueError as exc:
-        problem = str(exc)
-    if problem is not None:
+        return access_for(bearer_token(request.headers.get("authorization")), settings)
+    except (ValueError, Refused) as exc:
         raise HTTPException(
-            status_code=status.HTTP_401_UNAUTHORIZED, detail=problem, headers={"WWW-Authenticate": "Bearer"}
+            status_code=status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from None
+
+
+def require_every_project(request: Request) -> None:
+    """FastAPI dependency for what reaches every project (webhooks): 403 for a project token."""
+    access = require_token(request)
+    if access.project is not None:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail=(
+                f"this token is for project {access.project!r} only; webhooks receive every project's "
+                "alerts, so managing them needs the server's token (layerwatch serve --token)"
+            ),
         )
 
 
-def websocket_token_problem(websocket: WebSocket, expected: str | None) -> str | None:
-    """As token_problem, for a websocket: the Authorization header, else `?token=`."""
-    if expected is None:
-        return None
+def websocket_access(websocket: WebSocket, settings: Settings) -> Access:
+    """As access_for, for a websocket: the Authorization header, else `?token=`; Refused if neither opens."""
+    if not settings.auth_required:
+        return EVERYTHING
     try:
         offered = bearer_token(websocket.headers.get("authorization"))
     except ValueError as exc:
-        return str(exc)
+        raise Refused(str(exc)) from None
     if offered is None:
         offered = websocket.query_params.get("token")
-    return token_problem(offered, expected)
+    return access_for(offered, settings)
 
 
 def is_loopback(host: str) -> bool:
@@ -106,9 +167,9 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
-def exposure_warning(host: str, port: int, token: str | None) -> str | None:
+def exposure_warning(host: str, port: int, token: str | None, project_tokens: bool = False) -> str | None:
     """The start-up warning for a server others can reach that asks them for no token; else None."""
-    if token is not None or is_loopback(host):
+    if token is not None or project_tokens or is_loopback(host):
         return None
     where = "all interfaces" if host in ("0.0.0.0", "::", "") else "a non-loopback address"
     return (

@@ -24,16 +24,19 @@ def _serve(args: argparse.Namespace) -> int:
     from client_hook import wire
     from server.auth import exposure_warning
     from server.main import create_app
-    from server.settings import Settings
+    from server.settings import Settings, parse_project_tokens
 
     # --webhook and LAYERWATCH_WEBHOOKS add up; the same URL twice is one webhook.
     from_env = [u.strip() for u in os.environ.get("LAYERWATCH_WEBHOOKS", "").split(",") if u.strip()]
+    # --project-token and LAYERWATCH_PROJECT_TOKENS (comma-separated) add up too.
+    project_entries = [e for e in os.environ.get("LAYERWATCH_PROJECT_TOKENS", "").split(",") if e.strip()]
     try:
         settings = Settings(
             host=args.host,
             port=args.port,
             db_url=args.db,
             token=args.token,
+            project_tokens=parse_project_tokens([*project_entries, *args.project_token]),
             webhooks=list(dict.fromkeys([*args.webhook, *from_env])),
             webhook_secret=os.environ.get("LAYERWATCH_WEBHOOK_SECRET") or None,
             webhook_min_severity=args.webhook_min_severity,
@@ -46,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"layerwatch serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    warning = exposure_warning(settings.host, settings.port, settings.token)
+    warning = exposure_warning(settings.host, settings.port, settings.token, bool(settings.project_tokens))
     if warning:
         print(f"layerwatch serve: {warning}", file=sys.stderr, flush=True)
     if settings.heartbeat_timeout_s < wire.HEARTBEAT_S:
@@ -185,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("LAYERWATCH_TOKEN") or None,  # compose passes "" when unset
         help="require this access token from training clients, the dashboard and REST (default: $LAYERWATCH_TOKEN)",
+    )
+    serve.add_argument(
+        "--project-token",
+        action="append",
+        default=[],
+        metavar="PROJECT=TOKEN",
+        help="a token that reads and sends only PROJECT's runs; repeatable (also $LAYERWATCH_PROJECT_TOKENS, "
+        "comma-separated)",
     )
     serve.add_argument(
         "--heartbeat-timeout",

@@ -43,10 +43,6 @@ class BadMessage(Exception):
         self.code = code
 
 
-def _authorized(websocket: WebSocket, token: str | None) -> bool:
-    return auth.websocket_token_problem(websocket, token) is None
-
-
 def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
     """The frames of one websocket message, or BadMessage naming what is wrong."""
     text = message.get("text")
@@ -71,13 +67,37 @@ def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
         raise BadMessage(str(exc)) from None
 
 
+def _check_access(session: Session, frames: list[dict[str, Any]], access: auth.Access, allowed: set[str]) -> None:
+    """BadMessage unless every run these frames belong to (as stored, and as a run_start
+    names it) is of the project this connection's token opens. `allowed` remembers the
+    runs already checked on this connection (one lookup per run, not per batch)."""
+    if access.project is None:
+        return
+    for f in frames:
+        if f["kind"] == "run_start" and not access.allows(f["project"]):
+            raise BadMessage(access.refusal(f["run_id"], f["project"]))
+    unchecked = list({f["run_id"]: None for f in frames if f["run_id"] not in allowed})
+    for run_id, project in store.run_projects(session, unchecked).items():
+        if not access.allows(project):
+            raise BadMessage(access.refusal(run_id, project))
+    allowed.update(unchecked)  # stored ones are its project's; new ones are named by a run_start checked above
+
+
 def _receive(
-    sessions: sessionmaker[Session], diagnosis: Engine, message: dict[str, Any], limit: int
+    sessions: sessionmaker[Session],
+    diagnosis: Engine,
+    message: dict[str, Any],
+    limit: int,
+    access: auth.Access = auth.EVERYTHING,
+    allowed: set[str] | None = None,
 ) -> tuple[store.IngestResult, list[store.RunInfo]]:
     """Runs in a worker thread: parse and validate (a 16 MB batch takes a while to parse;
-    the event loop keeps serving dashboards meanwhile), commit the batch, then read
-    the changed runs for the live push."""
+    the event loop keeps serving dashboards meanwhile), check the token may send these
+    runs, commit the batch, then read the changed runs for the live push."""
     frames = _parse(message, limit)
+    if access.project is not None:
+        with sessions() as session:
+            _check_access(session, frames, access, set() if allowed is None else allowed)
     with WRITE_LOCK, sessions() as session:
         result = store.ingest_batch(session, frames=frames)
         # The rules run on what was just committed; their alerts commit separately, after
@@ -119,13 +139,15 @@ async def ingest(websocket: WebSocket) -> None:
     hub: LiveHub = websocket.app.state.hub
 
     await websocket.accept()
-    if not _authorized(websocket, settings.token):
-        await _reject(
-            websocket,
-            "this server requires a token: send 'Authorization: Bearer <token>' or '?token=<token>'",
-            status.WS_1008_POLICY_VIOLATION,
-        )
+    try:
+        access = auth.websocket_access(websocket, settings)
+    except auth.Refused as exc:
+        problem = str(exc)
+        if problem == auth.TOKEN_REQUIRED:
+            problem = "this server requires a token: send 'Authorization: Bearer <token>' or '?token=<token>'"
+        await _reject(websocket, problem, status.WS_1008_POLICY_VIOLATION)
         return
+    allowed: set[str] = set()  # runs this connection was checked to be allowed to send
     log.info("ingest connection from %s", websocket.client)
     while True:
         message = await websocket.receive()
@@ -134,7 +156,7 @@ async def ingest(websocket: WebSocket) -> None:
             return
         try:
             result, runs = await run_in_threadpool(
-                _receive, sessions, _diagnosis(websocket), message, settings.max_message_bytes
+                _receive, sessions, _diagnosis(websocket), message, settings.max_message_bytes, access, allowed
             )
         except BadMessage as exc:
             await _reject(websocket, str(exc), exc.code)

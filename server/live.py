@@ -11,7 +11,8 @@ re-read over REST) instead of slowing ingest down. Events are JSON objects:
 
 with NaN and ±Infinity sent as null. A server with a token wants it here as
 `?token=` (browsers cannot set websocket headers) or as a Bearer header; without
-it the socket is closed with auth.CLOSE_UNAUTHORIZED and the reason.
+it the socket is closed with auth.CLOSE_UNAUTHORIZED and the reason. A
+project's token hears of that project's runs only.
 """
 
 from __future__ import annotations
@@ -36,42 +37,60 @@ QUEUE_SIZE = 1000
 
 
 class LiveHub:
-    """Fans events out to every connected dashboard without ever waiting on one."""
+    """Fans events out to every connected dashboard without ever waiting on one.
+
+    A dashboard with a project token hears only its project's runs: the hub learns
+    each run's project from the run events, which come before any other event of
+    that run (`ingest_events`); an event of a run it does not know goes only to
+    dashboards that see every project.
+    """
 
     def __init__(self, queue_size: int = QUEUE_SIZE) -> None:
         self.queue_size = queue_size
-        # Each queue with the event loop its dashboard's socket runs on: one loop
-        # under uvicorn, but a test client may run each socket on its own.
-        self._queues: dict[asyncio.Queue[str], asyncio.AbstractEventLoop] = {}
+        # Each queue with the event loop its dashboard's socket runs on (one loop under
+        # uvicorn, but a test client may run each socket on its own) and the one project
+        # it may hear of (None: all).
+        self._queues: dict[asyncio.Queue[str], tuple[asyncio.AbstractEventLoop, str | None]] = {}
+        self._projects: dict[str, str] = {}  # run id -> project: one short entry per run ever announced
         self.dropped = 0
 
     @property
     def listeners(self) -> int:
         return len(self._queues)
 
-    def subscribe(self) -> asyncio.Queue[str]:
-        """A new dashboard's queue; call from the loop that will read it."""
+    def subscribe(self, project: str | None = None) -> asyncio.Queue[str]:
+        """A new dashboard's queue (of `project`'s events only, unless None); call from the loop that will read it."""
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=self.queue_size)
-        self._queues[queue] = asyncio.get_running_loop()
+        self._queues[queue] = (asyncio.get_running_loop(), project)
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
         self._queues.pop(queue, None)
 
     def publish(self, events: list[dict[str, Any]]) -> None:
-        """Queue events for every dashboard; never blocks."""
+        """Queue events for every dashboard that may see them; never blocks."""
+        for event in events:
+            if event.get("type") == "run":
+                self._projects[event["run"]["id"]] = event["run"]["project"]
         if not self._queues or not events:
             return
-        texts = [json.dumps(json_safe(event), allow_nan=False) for event in events]
+        texts = [(self._projects.get(_run_id(event)), self._text(event)) for event in events]
         try:
             here = asyncio.get_running_loop()
         except RuntimeError:
             here = None
-        for queue, loop in list(self._queues.items()):
+        for queue, (loop, project) in list(self._queues.items()):
+            mine = [text for owner, text in texts if project is None or (owner is not None and owner == project)]
+            if not mine:
+                continue
             if loop is here:
-                self._offer(queue, texts)
+                self._offer(queue, mine)
             elif not loop.is_closed():
-                loop.call_soon_threadsafe(self._offer, queue, texts)
+                loop.call_soon_threadsafe(self._offer, queue, mine)
+
+    @staticmethod
+    def _text(event: dict[str, Any]) -> str:
+        return json.dumps(json_safe(event), allow_nan=False)
 
     def _offer(self, queue: asyncio.Queue[str], texts: list[str]) -> None:
         for text in texts:
@@ -81,6 +100,11 @@ class LiveHub:
                 if self.dropped == 0:
                     log.warning("a dashboard is not keeping up; dropping live events for it")
                 self.dropped += 1
+
+
+def _run_id(event: dict[str, Any]) -> str | None:
+    """The run an event is about: `run_id`, or the run of a run event."""
+    return event.get("run_id") or event.get("run", {}).get("id")
 
 
 def ingest_events(result: store.IngestResult, runs: list[store.RunInfo]) -> list[dict[str, Any]]:
@@ -119,8 +143,10 @@ def alert_event(alert: store.AlertInfo) -> dict[str, Any]:
 @router.websocket("/ws/live")
 async def live(websocket: WebSocket) -> None:
     hub: LiveHub = websocket.app.state.hub
-    problem = auth.websocket_token_problem(websocket, websocket.app.state.settings.token)
-    if problem is not None:
+    try:
+        access = auth.websocket_access(websocket, websocket.app.state.settings)
+    except auth.Refused as exc:
+        problem = str(exc)
         # Accepted first, then closed: a browser sees a refused handshake only as code 1006,
         # but it does see this close code and reason, and can ask for a token.
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
@@ -130,7 +156,7 @@ async def live(websocket: WebSocket) -> None:
             await websocket.close(code=auth.CLOSE_UNAUTHORIZED, reason=reason)
         return
     # Subscribed before the handshake completes, so no event after it is missed.
-    queue = hub.subscribe()
+    queue = hub.subscribe(access.project)
     sender: asyncio.Task[None] | None = None
 
     async def forward() -> None:

@@ -30,6 +30,42 @@ def check_webhook_url(url: object) -> str:
     return url
 
 
+def check_project_tokens(project_tokens: object, server_token: str | None) -> None:
+    """ValueError naming the project (never a token) unless every project has a distinct non-empty token."""
+    if not isinstance(project_tokens, dict):
+        raise ValueError(f"project_tokens must be a dict of project -> token, but got {type(project_tokens).__name__}")
+    owners: dict[str, str] = {}
+    for project, token in project_tokens.items():
+        if not isinstance(project, str) or not project:
+            raise ValueError(f"a project token's project must be a non-empty string, but got {project!r}")
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"the token of project {project!r} must be a non-empty string")
+        # One token, one meaning: a shared token would open whichever project was checked first.
+        if token == server_token:
+            raise ValueError(f"the token of project {project!r} is the server's token: give the project its own")
+        if token in owners:
+            raise ValueError(f"projects {owners[token]!r} and {project!r} have the same token: give each its own")
+        owners[token] = project
+
+
+def parse_project_tokens(entries: list[str]) -> dict[str, str]:
+    """`["vision=T1", "nlp=T2"]` (--project-token, LAYERWATCH_PROJECT_TOKENS) as {project: token}.
+
+    A bad entry is a ValueError that names its project part or position, never its token.
+    """
+    tokens: dict[str, str] = {}
+    for position, entry in enumerate(entries, start=1):
+        project, sep, token = entry.partition("=")
+        project, token = project.strip(), token.strip()
+        if not sep or not project or not token:
+            shown = repr(project) if project else f"#{position}"
+            raise ValueError(f"project token {shown} must be written PROJECT=TOKEN, both non-empty")
+        if project in tokens:
+            raise ValueError(f"project {project!r} is given a token twice")
+        tokens[project] = token
+    return tokens
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where to listen, where to store, who may send, and where alerts are posted."""
@@ -38,6 +74,8 @@ class Settings:
     port: int = 8000
     db_url: str = "sqlite:///./layerwatch.db"
     token: str | None = None
+    # project -> its token: that project's runs only (see server/auth.py).
+    project_tokens: dict[str, str] = field(default_factory=dict)
     max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     webhooks: list[str] = field(default_factory=list)
     # Signs every webhook without a secret of its own (env LAYERWATCH_WEBHOOK_SECRET).
@@ -72,6 +110,7 @@ class Settings:
             raise ValueError(f"db_url {self.db_url!r} is not a database URL SQLAlchemy can parse: {exc}") from None
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise ValueError(f"token must be a non-empty string or None, but got {self.token!r}")
+        check_project_tokens(self.project_tokens, self.token)
         if (
             not isinstance(self.max_message_bytes, int)
             or isinstance(self.max_message_bytes, bool)
@@ -110,6 +149,11 @@ class Settings:
             parts = urlsplit(self.public_url) if isinstance(self.public_url, str) else None
             if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"public_url must be an http:// or https:// URL, but got {self.public_url!r}")
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether every request must carry a token (the server's or a project's)."""
+        return self.token is not None or bool(self.project_tokens)
 
     @property
     def base_url(self) -> str:

@@ -407,6 +407,16 @@ def get_run(session: Session, *, run_id: str) -> RunInfo | None:
     return _run_info(run, project_name, counts.get(run_id, dict.fromkeys(SEVERITIES, 0)))
 
 
+def run_projects(session: Session, run_ids: list[str]) -> dict[str, str]:
+    """{run id: project name} of those of `run_ids` that are stored (one query)."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        select(Run.id, Project.name).join(Project, Run.project_id == Project.id).where(Run.id.in_(run_ids))
+    )
+    return {run_id: project for run_id, project in rows}
+
+
 def find_run(session: Session, *, id_or_name: str) -> RunInfo | None:
     """The run with this id, else the newest run with this name, else None."""
     run = get_run(session, run_id=id_or_name)

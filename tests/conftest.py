@@ -47,7 +47,12 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
     """run_frames(run_id, steps=3, end=True): run_start, then per step scalars/layer_stats/histograms, then run_end."""
 
     def build(
-        run_id: str = "run-1", steps: int = 3, end: bool = True, name: str = "demo", findings: bool = False
+        run_id: str = "run-1",
+        steps: int = 3,
+        end: bool = True,
+        name: str = "demo",
+        findings: bool = False,
+        project: str = "proj",
     ) -> list[dict[str, Any]]:
         seq = iter(range(10_000))
         frames = [
@@ -57,7 +62,7 @@ def run_frames() -> Callable[..., list[dict[str, Any]]]:
                 seq=next(seq),
                 step=0,
                 name=name,
-                project="proj",
+                project=project,
                 time=1000.0,
                 model=MODEL,
                 optimizer={"type": "SGD", "lr": 0.1},

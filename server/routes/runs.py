@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server import __version__, store
+from server import __version__, auth, store
 from server.schemas import (
     AlertPublic,
     HealthPublic,
@@ -42,9 +42,14 @@ TensorKind = Literal[wire.TENSOR_KINDS]  # type: ignore[valid-type]
 StatName = Literal[store.HEATMAP_STATS]  # type: ignore[valid-type]
 
 
-def get_run_or_404(session: SessionDep, run_id: str) -> store.RunInfo:
+# What the request's token may see (every project without access control); see server/auth.py.
+AccessDep = Annotated[auth.Access, Depends(auth.require_token)]
+
+
+def get_run_or_404(session: SessionDep, access: AccessDep, run_id: str) -> store.RunInfo:
     run = store.get_run(session, run_id=run_id)
-    if run is None:
+    # Another project's run is answered as absent: a project token learns nothing of it.
+    if run is None or not access.allows(run.project):
         raise HTTPException(status_code=404, detail=f"no run with id {run_id!r}")
     return run
 
@@ -67,13 +72,21 @@ MaxPointsQuery = Annotated[
 @router.get("/health")
 def health(request: Request) -> HealthPublic:
     """Whether a layerwatch server answers here, which wire protocol it speaks, and whether it wants a token."""
-    auth = "token" if request.app.state.settings.token is not None else None
-    return HealthPublic(status="ok", version=__version__, protocol=wire.PROTOCOL_VERSION, auth=auth)
+    wanted = "token" if request.app.state.settings.auth_required else None
+    return HealthPublic(status="ok", version=__version__, protocol=wire.PROTOCOL_VERSION, auth=wanted)
 
 
 @router.get("/runs")
-def list_runs(session: SessionDep, project: str | None = None, name: str | None = None) -> list[RunPublic]:
-    """All runs, newest first; optionally only one project's, or only those with one name."""
+def list_runs(
+    session: SessionDep, access: AccessDep, project: str | None = None, name: str | None = None
+) -> list[RunPublic]:
+    """All runs, newest first; optionally only one project's, or only those with one name.
+
+    A project token lists its own project's runs only."""
+    if access.project is not None:
+        if project not in (None, access.project):
+            return []
+        project = access.project
     return [RunPublic.model_validate(run) for run in store.list_runs(session, project=project, name=name)]
 
 
