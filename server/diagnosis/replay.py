@@ -51,7 +51,7 @@ def replay(
     return diagnosis, findings
 
 
-StepData = tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]
+StepData = tuple[dict[str, Any], dict[str, Any], list[tuple[Any, ...]]]  # stat rows in wire.LAYER_STAT_COLUMNS order
 
 
 def _read_chunk(session: Session, run_id: str, start: int, stop: int) -> dict[int, StepData]:
@@ -80,5 +80,5 @@ def _read_chunk(session: Session, run_id: str, start: int, stop: int) -> dict[in
             LayerStat.run_id == run_id, LayerStat.step >= start, LayerStat.step < stop
         )
     ):
-        at(row[0])[2].append(dict(zip(wire.LAYER_STAT_COLUMNS, row[1:])))
+        at(row[0])[2].append(tuple(row[1:]))  # in wire.LAYER_STAT_COLUMNS order, as history.add_stats reads them
     return steps
