@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("name", "expected"),
     [
         ("overhead", ["cnn every=1 overhead:", "mlp default (every=None) overhead:", "adaptive interval chosen:"]),
-        ("memory", ["RSS growth, server down:", "pending frames held:"]),
+        ("memory", ["RSS growth, server down, every=1 (MLP):", "frames held in memory at the end:", "spool on disk"]),
         ("ingest", ["layer-stat rows/s sustained:", "send->ack per batch:", "bytes stored per layer"]),
         ("queries", ["loss series:", "heatmap (layer x step):", "histogram over time:"]),
         ("latency", ["log -> dashboard latency:"]),
