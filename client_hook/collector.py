@@ -61,10 +61,19 @@ SATURATION: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
 class Sample:
     """One sampled step's summary rows, copied to the host once; decoded in the sender thread."""
 
-    def __init__(self, step: int, every: int, rows: list[Row], matrix: torch.Tensor) -> None:
-        """`matrix`: per row, its summary (`stats.ROW_WIDTH`) then [update_ratio, sat_frac] (NaN: not applicable)."""
+    def __init__(
+        self,
+        step: int,
+        every: int,
+        rows: list[Row],
+        matrix: torch.Tensor,
+        on_encoded: Callable[[float], None] | None = None,
+    ) -> None:
+        """`matrix`: per row, its summary (`stats.ROW_WIDTH`) then [update_ratio, sat_frac] (NaN: not applicable).
+        `on_encoded(seconds)`: told by the sender thread what making this sample's frames cost it."""
         self.step, self.every, self.rows = step, every, rows
         self._copy = HostCopy(matrix)  # the step's one device-to-host copy
+        self.on_encoded = on_encoded
 
     def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
         stat_rows, hist_rows = [], []
@@ -292,7 +301,13 @@ class Collector:
             entries.append(_Entry((layer, name, "weight"), parts[i], param.numel(), norms[i], ratios.get(i)))
         self._activations, self._grads = {}, []
         self._ready = [
-            Sample(self.step, self.schedule.every, [e.row for e in group], _matrix(group))
+            Sample(
+                self.step,
+                self.schedule.every,
+                [e.row for e in group],
+                _matrix(group),
+                self.schedule.add_background_time if self.schedule.adaptive else None,
+            )
             for group in _by_device(entries).values()
         ]
 

@@ -1,11 +1,17 @@
 """When to take a sample: every N steps, or adaptively within a cost budget.
 
 `every=N` samples steps 0, N, 2N, ... . `every=None` keeps the monitor's own
-cost near `overhead` (default 1%) of the training step: it times the work its
-hooks do on a sampled step (the statistics, the snapshot, the copy) and the
-wall time of unsampled steps, and spaces samples so that
+cost near `overhead` (default 1%) of the training step: it times its sampled
+steps against plain ones and spaces samples so that
 
     cost of one sample / (interval × plain step time) ≈ overhead.
+
+A sample's cost is what the training thread paid for it: the larger of the
+time inside the monitor's hooks and the sampled step's wall time beyond a
+plain step's (which also catches what the hooks' timers cannot see: slower
+forwards with activation hooks on, allocator effects), plus the time the
+sender thread spent turning it into frames (it holds the GIL meanwhile, so
+training waits for it on a CPU).
 
 The interval stays within [ADAPTIVE_MIN, EVERY_MAX] and starts at EVERY_START
 until both times are measured. The first sample's cost is not measured: it
@@ -19,13 +25,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 EVERY_MIN = 1
 EVERY_MAX = 1000  # at least one sample per thousand steps, whatever it costs
 EVERY_START = 10
-# The adaptive floor: the budget sees only the training thread's hook time, not the sender
-# thread encoding the sample or the server storing it (on a 2-core machine they take
-# the training thread's CPU), which cost about as much again (measured: CNN, bench/overhead).
+# The adaptive floor: the budget cannot see the server storing the sample, which on a small
+# machine running both takes CPU the training could use (measured: CNN, bench/overhead).
 ADAPTIVE_MIN = 10
 DEFAULT_OVERHEAD = 0.01  # 1% of step time: the "cost nobody notices" target
 _SMOOTHING = 0.2  # weight of the newest measurement in the running averages
@@ -49,6 +55,7 @@ class Schedule:
         self.sample_cost_s: float | None = None  # running average, seconds of hook work per sample
         self.step_time_s: float | None = None  # running average of an unsampled step's wall time
         self._hook_time = 0.0
+        self._background: deque[float] = deque()  # the sender's encoding times (appended from its thread)
         self._last_step_end: float | None = None
         self._samples = 0
 
@@ -59,6 +66,10 @@ class Schedule:
         """Time spent in the monitor's hooks during the step in progress."""
         self._hook_time += seconds
 
+    def add_background_time(self, seconds: float) -> None:
+        """Time the sender thread spent encoding a sample (thread-safe: a deque append)."""
+        self._background.append(seconds)
+
     def end_step(self, step: int, sampled: bool) -> None:
         """Called once per step, after its optimizer step (or its loss without an optimizer)."""
         now = time.perf_counter()
@@ -66,7 +77,7 @@ class Schedule:
             self._samples += 1
             self.next_step = step + self.every
             if self.adaptive and self._samples > 1:  # the first one pays for warm-up
-                self.sample_cost_s = _average(self.sample_cost_s, self._hook_time)
+                self.sample_cost_s = _average(self.sample_cost_s, self._sample_cost(now))
         elif self._last_step_end is not None and self.adaptive:
             self.step_time_s = _average(self.step_time_s, now - self._last_step_end)
         self._hook_time = 0.0
@@ -74,6 +85,16 @@ class Schedule:
         if sampled and self.adaptive and self.sample_cost_s is not None and self.step_time_s is not None:
             self.every = max(ADAPTIVE_MIN, choose_every(self.sample_cost_s, self.step_time_s, self.overhead))
             self.next_step = step + self.every
+
+    def _sample_cost(self, now: float) -> float:
+        """What the sampled step ending `now` cost training (see the module docstring)."""
+        in_step = self._hook_time
+        if self.step_time_s is not None and self._last_step_end is not None:
+            in_step = max(in_step, now - self._last_step_end - self.step_time_s)
+        encoded = 0.0
+        while self._background:  # the samples before this one: encoded since
+            encoded += self._background.popleft()
+        return in_step + encoded
 
     @property
     def mode(self) -> str:

@@ -284,6 +284,7 @@ class Sender:
         if not items:
             return False
         for item in items:
+            started = time.perf_counter()
             try:
                 produced = item.frames()
             except Exception as exc:  # a bad sample must not stop the thread
@@ -295,6 +296,10 @@ class Sender:
                 if kind == "run_end":
                     fields = self._with_drops(fields)
                 self._number(kind, step, fields)
+            # An item that wants to know what it cost this thread (a sample, for the adaptive budget).
+            on_encoded = getattr(item, "on_encoded", None)
+            if on_encoded is not None:
+                on_encoded(time.perf_counter() - started)
         return True
 
     def _number(self, kind: str, step: int, fields: dict[str, Any]) -> None:

@@ -47,6 +47,32 @@ def test_adaptive_schedule_follows_measured_costs() -> None:
     assert schedule.every > 50 and len(sampled) <= 3
 
 
+def test_a_samples_cost_counts_its_steps_wall_time_and_the_senders_encoding() -> None:
+    """Hook timers miss part of what a sample costs training: the sampled step's wall time beyond a
+    plain step's counts, and so does the sender thread's encoding (it holds the GIL)."""
+
+    def adapt(extra_wall_s: float, encoding_s: float) -> tuple[float, int]:
+        schedule = Schedule(every=None, overhead=0.01)
+        for step in range(2 * EVERY_START + 1):
+            due = schedule.is_due(step)
+            time.sleep(0.001)  # ~1 ms steps
+            if due:
+                schedule.add_hook_time(0.0001)  # what the hooks' timers saw: 0.1 ms
+                time.sleep(extra_wall_s)  # what they did not see
+            schedule.end_step(step, due)
+            if due and encoding_s:
+                schedule.add_background_time(encoding_s)  # the sender thread, after the step handed it over
+        assert schedule.sample_cost_s is not None
+        return schedule.sample_cost_s, schedule.every
+
+    hooks_only, _ = adapt(0.0, 0.0)
+    slow_step, every_slow = adapt(0.005, 0.0)
+    encoded, every_encoded = adapt(0.0, 0.005)
+    assert hooks_only < 0.002
+    assert slow_step > 0.004 and every_slow > 300  # 5 ms / (1% of ~1 ms) -> ~500
+    assert 0.005 <= encoded < 0.007 and every_encoded > 300
+
+
 def test_every_none_on_a_real_training_spends_little_and_says_so() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
