@@ -3,7 +3,7 @@
 The page loads without a token, meets the server's 401, shows its in-page
 form, and with the right token shows the run list and live updates; a reload
 does not ask again (the token is in localStorage); a wrong token is told so and
-asked for again.
+asked for again. A project's token shows that project's runs only, live too.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ TOKEN = "browser-s3cret"
 MODEL = {"modules": [{"name": "fc", "type": "Linear", "params": []}]}
 
 
-def start_run(base: str, name: str) -> str:
+def start_run(base: str, name: str, project: str = "tokens") -> str:
     """Ingest a run_start and a loss over /ws/ingest with the token, as a training client does; its id."""
     run_id = f"{name}-{uuid.uuid4().hex[:8]}"
-    start = {"name": name, "project": "tokens", "time": time.time(), "model": MODEL}
+    start = {"name": name, "project": project, "time": time.time(), "model": MODEL}
     frames = [
         wire.frame("run_start", run_id=run_id, seq=0, step=0, **start),
         wire.frame("scalars", run_id=run_id, seq=1, step=0, values={"loss": 1.5}, time=time.time()),
@@ -101,4 +101,28 @@ def test_a_wrong_token_is_told_so_and_asked_again(tmp_path: Path, server_factory
         assert page.locator("#token-overlay").is_visible()
         enter_token(page, TOKEN)
         page.locator(f'tr[data-run-id="{run_id}"]').wait_for()
+        assert unexpected(probe.errors) == []
+
+
+def test_a_project_token_shows_its_project_only(tmp_path: Path, server_factory, page_factory) -> None:
+    args = ["--token", TOKEN, "--project-token", "vision=vision-s3cret"]
+    with server_factory(tmp_path / "lw.db", args=args) as base, page_factory(base) as probe:
+        other = start_run(base, "nlp-run", project="nlp")
+        mine = start_run(base, "vision-run", project="vision")
+        page = probe.page
+        page.goto("/")
+        page.locator("#token-overlay").wait_for(state="visible")
+        enter_token(page, "vision-s3cret")
+        page.locator(f'tr[data-run-id="{mine}"]').wait_for()
+        page.wait_for_function("document.getElementById('live-indicator').dataset.state === 'live'")
+        # Live: another project's new run never shows; this project's does.
+        other_live = start_run(base, "nlp-live", project="nlp")
+        mine_live = start_run(base, "vision-live", project="vision")
+        page.locator(f'tr[data-run-id="{mine_live}"]').wait_for()
+        for hidden in (other, other_live):
+            assert page.locator(f'tr[data-run-id="{hidden}"]').count() == 0
+        assert page.locator("tr[data-run-id]").count() == 2
+        # Another project's run page, reached by its URL, is not found rather than shown.
+        answer = page.request.get(f"{base}/api/runs/{other}", headers={"Authorization": "Bearer vision-s3cret"})
+        assert answer.status == 404
         assert unexpected(probe.errors) == []
