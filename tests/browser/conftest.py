@@ -79,7 +79,9 @@ class PageProbe:
 def open_page(browser: object, base_url: str) -> Iterator[PageProbe]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, base_url=base_url)
     page = context.new_page()
-    page.set_default_timeout(10_000)
+    # Generous: on a 2-core CI machine a live test's training, the server and Chromium share the
+    # cores, and an action waits for the renderer (a click once waited > 10 s there, never locally).
+    page.set_default_timeout(30_000)
     try:
         yield PageProbe(page)
     finally:
