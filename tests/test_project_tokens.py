@@ -86,12 +86,13 @@ def test_a_project_token_lists_and_reads_its_own_project_only(split: TestClient)
     assert loss["values"] == [2.0, 1.0]
 
 
-def test_webhooks_want_the_server_token(split: TestClient) -> None:
+def test_managing_webhooks_wants_the_server_token(split: TestClient) -> None:
     body = {"url": "http://127.0.0.1:9/hook", "project": "vision"}
     for method, path, kwargs in [
         ("GET", "/api/webhooks", {}),
         ("POST", "/api/webhooks", {"json": body}),
         ("DELETE", "/api/webhooks/1", {}),
+        ("GET", "/api/webhooks/deliveries", {}),  # every run's, unless one of its own is named
     ]:
         refused = split.request(method, path, headers=bearer(VISION), **kwargs)
         assert refused.status_code == 403, (method, path, refused.text)
@@ -100,6 +101,16 @@ def test_webhooks_want_the_server_token(split: TestClient) -> None:
     assert split.post("/api/webhooks", json=body, headers=bearer(SERVER)).status_code == 201
     # A wrong token is still a 401, not a 403.
     assert split.get("/api/webhooks", headers=bearer("nope")).status_code == 401
+
+
+def test_a_project_token_reads_its_own_runs_deliveries(split: TestClient) -> None:
+    """The dashboard's webhook column (/summary) and the deliveries of a run, scoped like the runs."""
+    for path in ("/api/webhooks/summary", "/api/webhooks/deliveries"):
+        own = split.get(path, params={"run_id": "v1"}, headers=bearer(VISION))
+        assert (own.status_code, own.json()) == (200, []), path
+        other = split.get(path, params={"run_id": "n1"}, headers=bearer(VISION))
+        assert (other.status_code, other.json()["detail"]) == (404, "no run with id 'n1'"), path
+        assert split.get(path, params={"run_id": "n1"}, headers=bearer(SERVER)).status_code == 200, path
 
 
 def test_a_project_token_sends_its_own_project_only(split: TestClient, run_frames: Any) -> None:

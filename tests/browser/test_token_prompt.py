@@ -125,4 +125,9 @@ def test_a_project_token_shows_its_project_only(tmp_path: Path, server_factory, 
         # Another project's run page, reached by its URL, is not found rather than shown.
         answer = page.request.get(f"{base}/api/runs/{other}", headers={"Authorization": "Bearer vision-s3cret"})
         assert answer.status == 404
+        # Its own run's page loads whole, the alerts' webhook column included (no 403 anywhere).
+        with page.expect_response(lambda r: "/api/webhooks/summary" in r.url) as summary:
+            page.locator(f'tr[data-run-id="{mine}"] td.name a').click()
+        assert summary.value.status == 200
+        page.wait_for_function(f"location.hash.includes({mine!r})")
         assert unexpected(probe.errors) == []
