@@ -52,7 +52,7 @@ class Schedule:
         self.every = EVERY_START if every is None else every
         self.overhead = overhead
         self.next_step = 0
-        self.sample_cost_s: float | None = None  # running average, seconds of hook work per sample
+        self.sample_cost_s: float | None = None  # running average, seconds a sample cost training (_sample_cost)
         self.step_time_s: float | None = None  # running average of an unsampled step's wall time
         self._hook_time = 0.0
         self._background: deque[float] = deque()  # the sender's encoding times (appended from its thread)

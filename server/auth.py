@@ -34,9 +34,9 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, WebSocket, status
+from fastapi import Depends, HTTPException, Request, WebSocket, status
 
 from server.settings import Settings
 
@@ -124,9 +124,11 @@ def require_token(request: Request) -> Access:
         ) from None
 
 
-def require_every_project(request: Request) -> None:
-    """FastAPI dependency for what reaches every project (webhooks): 403 for a project token."""
-    access = require_token(request)
+def require_every_project(access: Annotated[Access, Depends(require_token)]) -> None:
+    """FastAPI dependency for what reaches every project (webhooks): 403 for a project token.
+
+    It reads the token through `require_token`, which FastAPI then runs once per request
+    for the router and the route alike."""
     if access.project is not None:
         raise HTTPException(
             status_code=status.HTTP_403_FORBIDDEN,

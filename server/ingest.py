@@ -76,8 +76,6 @@ def _check_access(session: Session, frames: list[dict[str, Any]], access: auth.A
     """BadMessage unless every run these frames belong to (as stored, and as a run_start
     names it) is of the project this connection's token opens. `allowed` remembers the
     runs already checked on this connection (one lookup per run, not per batch)."""
-    if access.project is None:
-        return
     for f in frames:
         if f["kind"] == "run_start" and not access.allows(f["project"]):
             raise BadMessage(access.refusal(f["run_id"], f["project"]))
@@ -93,17 +91,18 @@ def _receive(
     diagnosis: Engine,
     message: dict[str, Any],
     limit: int,
-    access: auth.Access = auth.EVERYTHING,
-    allowed: set[str] | None = None,
+    access: auth.Access,
+    allowed: set[str],
 ) -> tuple[store.IngestResult, list[store.RunInfo]]:
     """Runs in a worker thread: parse and validate (a 16 MB batch takes a while to parse;
     the event loop keeps serving dashboards meanwhile), check the token may send these
     runs, commit the batch, then read the changed runs for the live push."""
     frames = _parse(message, limit)
-    if access.project is not None:
-        with sessions() as session:
-            _check_access(session, frames, access, set() if allowed is None else allowed)
     with WRITE_LOCK, sessions() as session:
+        # Checked under the write lock, in the batch's own transaction: no other writer can
+        # store one of these runs, under another project, between the check and the write.
+        if access.project is not None:
+            _check_access(session, frames, access, allowed)
         result = store.ingest_batch(session, frames=frames)
         # The rules run on what was just committed; their alerts commit separately, after
         # the data (store first: a rule failure can never lose a frame).

@@ -80,7 +80,7 @@ class LiveHub:
         except RuntimeError:
             here = None
         for queue, (loop, project) in list(self._queues.items()):
-            mine = [text for owner, text in texts if project is None or (owner is not None and owner == project)]
+            mine = [text for owner, text in texts if project is None or owner == project]
             if not mine:
                 continue
             if loop is here:
