@@ -1,16 +1,20 @@
-# The layerwatch server (API, ingest, dashboard). The server never imports
-# torch, so the image installs the package without its dependencies and then
-# only the [server] ones (and the PostgreSQL driver of [postgres]): no multi-GB
-# torch in a server image.
+# The layerwatch server (API, ingest, dashboard). The server never imports torch, so
+# the image carries none: it installs the [server] and [postgres] dependency groups
+# read from pyproject.toml itself (one list, never copied here), then the package
+# without its dependencies (which would bring torch for the training side).
+# tests/test_packaging.py runs these install steps in a clean virtualenv and starts
+# the server from it.
 FROM python:3.11-slim
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY layerwatch ./layerwatch
 COPY client_hook ./client_hook
 COPY server ./server
 COPY web ./web
-RUN pip install --no-cache-dir --no-deps . \
- && pip install --no-cache-dir "fastapi>=0.110" "uvicorn>=0.29" "websockets>=15" "sqlalchemy>=2.0" "plotly>=5.20" "psycopg[binary]>=3.1"
+RUN python -c "import tomllib; groups = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(groups['server'] + groups['postgres']))" > /tmp/server-requirements.txt \
+ && pip install --no-cache-dir -r /tmp/server-requirements.txt \
+ && pip install --no-cache-dir --no-deps .
 
 VOLUME ["/data"]
 EXPOSE 8000

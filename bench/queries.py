@@ -19,9 +19,9 @@ from sqlalchemy import insert
 
 from bench._common import figure, machine, parser, percentile
 from client_hook import wire
-from server import rollup, store
-from server.db import init_db, make_engine, make_session_factory
-from server.tables import Histogram, LayerStat, Project, Run, Scalar
+from layerwatch.server import rollup, store
+from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.tables import Histogram, LayerStat, Project, Run, Scalar
 
 
 def build_run(url: str, *, steps: int, layers: int, hist_every: int, run_id: str = "long") -> None:

@@ -77,7 +77,7 @@ def start_server(server: str, db: str) -> subprocess.Popen[bytes]:
     host, port = parts.hostname or "127.0.0.1", parts.port or 8000
     log_file = tempfile.NamedTemporaryFile(prefix="layerwatch-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--host", host, "--port", str(port), "--db", db],
+        [sys.executable, "-m", "layerwatch", "serve", "--host", host, "--port", str(port), "--db", db],
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )

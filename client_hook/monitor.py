@@ -69,7 +69,7 @@ def attach(
 
     While the server is away, frames wait in memory (up to `max_memory_bytes` of
     encoded JSON), then in `<spool_dir>/<run id>/` on disk (default
-    $LAYERWATCH_SPOOL_DIR or `<temp dir>/layerwatch-spool`; at most
+    $LAYERWATCH_SPOOL_DIR, else a 0700 folder of your own, `~/.cache/layerwatch/spool`; at most
     `spool_max_bytes`, 0 for no spool), oldest histograms dropped first when full.
     A heartbeat goes to the server every `heartbeat_s` seconds.
     """

@@ -152,7 +152,14 @@ class Sender:
         self._seq = itertools.count()
         self._pending: OrderedDict[int, Entry] = OrderedDict()  # seq -> encoded frame, in memory until acked
         self._pending_bytes = 0
-        self.spool_path = Path(spool_dir if spool_dir is not None else default_spool_dir()) / run_id
+        if spool_dir is None and spool_max_bytes:
+            try:
+                spool_dir = default_spool_dir()
+            except OSError as exc:  # no private folder to be had: memory only, never an error in attach
+                log.warning("layerwatch: no spool on disk for this run (%s); frames wait in memory only", exc)
+                spool_max_bytes = 0
+        # Where this run's frames go on disk (None: no spool, memory only).
+        self.spool_path = Path(spool_dir) / run_id if spool_dir is not None else None
         self._spool = Spool(self.spool_path, spool_max_bytes, self._count_drops) if spool_max_bytes else None
         self._run_start: Entry | None = None  # re-sent first on every connection
         self._latest_step = 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -59,9 +60,43 @@ RUN_START_FILE = "run_start.json"
 
 
 def default_spool_dir() -> Path:
-    """$LAYERWATCH_SPOOL_DIR, else <system temp dir>/layerwatch-spool (a run's spool is a folder inside)."""
+    """$LAYERWATCH_SPOOL_DIR, else this user's own spool folder (a run's spool is a folder inside).
+
+    The default is private to the user: `$XDG_CACHE_HOME/layerwatch/spool` (else
+    `~/.cache/...`; `%LOCALAPPDATA%` on Windows, `~/Library/Caches` on macOS), created
+    with mode 0700, never a shared temp folder: `layerwatch upload` of the default
+    folder deletes what it delivers, so it must only ever see this user's runs. Where the
+    home folder cannot be written (a container's nobody user), it is a 0700 folder in
+    the temp directory named for the user id, refused if another user owns it.
+    """
     configured = os.environ.get("LAYERWATCH_SPOOL_DIR")
-    return Path(configured) if configured else Path(tempfile.gettempdir()) / "layerwatch-spool"
+    if configured:
+        return Path(configured)
+    try:
+        return _private_dir(_user_cache_dir() / "layerwatch" / "spool")
+    except OSError:
+        uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+        return _private_dir(Path(tempfile.gettempdir()) / f"layerwatch-spool-{uid}")
+
+
+def _user_cache_dir() -> Path:
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def _private_dir(path: Path) -> Path:
+    """`path`, created 0700 if missing and tightened to 0700 if looser; OSError if another user owns it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name != "nt":
+        info = path.stat()
+        if info.st_uid != os.getuid():
+            raise PermissionError(f"spool folder {str(path)!r} belongs to another user (uid {info.st_uid})")
+        if info.st_mode & 0o077:
+            path.chmod(0o700)
+    return path
 
 
 class Entry(NamedTuple):

@@ -1,7 +1,7 @@
-"""`python -m server ...` runs the `layerwatch` command line."""
+"""`python -m layerwatch.server ...` runs the `layerwatch` command line too (as `python -m layerwatch`)."""
 
 import sys
 
-from server.cli import main
+from layerwatch.server.cli import main
 
 sys.exit(main())

@@ -38,7 +38,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, WebSocket, status
 
-from server.settings import Settings
+from layerwatch.server.settings import Settings
 
 # Open even when a token is set: start-up checks and load balancers poll it.
 OPEN_PATHS = frozenset({"/api/health"})

@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from server.diagnosis import cli as diagnosis_cli
+from layerwatch.server.diagnosis import cli as diagnosis_cli
 
 # On SIGTERM, how long the server waits for batches in flight to commit before it cuts them
 # off (a 16 MB batch commits in a few seconds on a slow disk; its client replays it anyway).
@@ -22,9 +22,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from client_hook import wire
-    from server.auth import exposure_warning
-    from server.main import create_app
-    from server.settings import Settings, parse_project_tokens
+    from layerwatch.server.auth import exposure_warning
+    from layerwatch.server.main import create_app
+    from layerwatch.server.settings import Settings, parse_project_tokens
 
     # --webhook and LAYERWATCH_WEBHOOKS add up; the same URL twice is one webhook.
     from_env = [u.strip() for u in os.environ.get("LAYERWATCH_WEBHOOKS", "").split(",") if u.strip()]
@@ -84,7 +84,7 @@ def _uvicorn_log_config() -> dict[str, Any]:
     """uvicorn's own logging set-up, with access tokens blanked out of the paths it logs."""
     from uvicorn.config import LOGGING_CONFIG
 
-    from server.auth import RedactTokens
+    from layerwatch.server.auth import RedactTokens
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config.setdefault("filters", {})["redact_tokens"] = {"()": RedactTokens}
@@ -110,9 +110,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _webhook_test(args: argparse.Namespace) -> int:
-    from server.settings import Settings, check_webhook_url
-    from server.webhooks import sender
-    from server.webhooks.worker import sample_delivery, send
+    from layerwatch.server.settings import Settings, check_webhook_url
+    from layerwatch.server.webhooks import sender
+    from layerwatch.server.webhooks.worker import sample_delivery, send
 
     try:
         check_webhook_url(args.url)
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "path",
         nargs="?",
-        help="a spool folder or one run's folder in it (default: $LAYERWATCH_SPOOL_DIR or <tmp>/layerwatch-spool)",
+        help="a spool folder or one run's folder (default: $LAYERWATCH_SPOOL_DIR, else ~/.cache/layerwatch/spool)",
     )
     upload.add_argument(
         "--server",

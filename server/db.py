@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from server import rollup
-from server.tables import Base, Run
+from layerwatch.server import rollup
+from layerwatch.server.tables import Base, Run
 
 log = logging.getLogger(__name__)
 

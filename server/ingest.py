@@ -21,10 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from client_hook import wire
-from server import auth, store
-from server.diagnosis.engine import Engine
-from server.live import LiveHub, alert_event, ingest_events
-from server.settings import Settings
+from layerwatch.server import auth, store
+from layerwatch.server.diagnosis.engine import Engine
+from layerwatch.server.live import LiveHub, alert_event, ingest_events
+from layerwatch.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from server import auth, store
-from server.schemas import AlertPublic, RunPublic, json_safe
+from layerwatch.server import auth, store
+from layerwatch.server.schemas import AlertPublic, RunPublic, json_safe
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import time
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server import store
-from server.live import LiveHub, run_event
-from server.tables import Run
+from layerwatch.server import store
+from layerwatch.server.live import LiveHub, run_event
+from layerwatch.server.tables import Run
 
 log = logging.getLogger(__name__)
 

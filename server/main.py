@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from server import __version__, auth, ingest, live
-from server.db import init_db, make_engine, make_session_factory
-from server.liveness import Sweeper
-from server.routes import runs, web, webhooks
-from server.settings import Settings
-from server.webhooks import store as webhook_store
-from server.webhooks.worker import WebhookWorker
+from layerwatch.server import __version__, auth, ingest, live
+from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.liveness import Sweeper
+from layerwatch.server.routes import runs, web, webhooks
+from layerwatch.server.settings import Settings
+from layerwatch.server.webhooks import store as webhook_store
+from layerwatch.server.webhooks.worker import WebhookWorker
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server.tables import Histogram, HistogramRollup, LayerStat, LayerStatRollup, Scalar, ScalarRollup
+from layerwatch.server.tables import Histogram, HistogramRollup, LayerStat, LayerStatRollup, Scalar, ScalarRollup
 
 # Powers of 4: a wanted width w is served by a level within 2x of it (see `plan`), so a
 # query reads at most ~2 rollup rows per point it returns. 65536 covers 100M-step runs

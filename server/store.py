@@ -28,9 +28,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server import rollup
-from server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal
-from server.webhooks import outbox
+from layerwatch.server import rollup
+from layerwatch.server.tables import Alert, Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal
+from layerwatch.server.webhooks import outbox
 
 SEVERITIES: tuple[str, ...] = wire.SEVERITIES
 ALERT_NEW, ALERT_ESCALATED, ALERT_UPDATED = "new", "escalated", "updated"

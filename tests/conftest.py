@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from client_hook import wire
-from server.main import create_app
-from server.settings import Settings
+from layerwatch.server.main import create_app
+from layerwatch.server.settings import Settings
 from tests.postgres import PostgresServer
 
 # Listed out of alphabetical order on purpose: the server must keep the model's (forward) order.

@@ -36,7 +36,7 @@ def serve(db_path: Path, port: int | None = None, args: Sequence[str] = ()) -> I
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = db_path.with_name(f"server-{port}.log")
-    command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "layerwatch", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [*command, "--db", f"sqlite:///{db_path}", *args],

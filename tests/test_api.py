@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from client_hook import wire
-from server.schemas import LayerSeriesPublic
-from server.store import HEATMAP_STATS
+from layerwatch.server.schemas import LayerSeriesPublic
+from layerwatch.server.store import HEATMAP_STATS
 
 RUN_FIELDS = {
     "id",

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from client_hook import wire
-from server import auth
+from layerwatch.server import auth
 from tests.serving import free_port, serve
 
 TOKEN = "s3cret-token"
@@ -152,7 +152,7 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
 def serve_output(args: list[str], until: str, timeout: float = 30) -> str:
     """Start `python -m server serve ARGS`, read its output until `until` shows (or it exits), stop it."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", *args],
+        [sys.executable, "-m", "layerwatch", "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

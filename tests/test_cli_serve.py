@@ -22,7 +22,7 @@ def test_serve_ingests_and_serves_back(tmp_path: Path, run_frames: Any) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port), "--db", f"sqlite:///{tmp_path}/x.db"],
+        [sys.executable, "-m", "layerwatch", "serve", "--port", str(port), "--db", f"sqlite:///{tmp_path}/x.db"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -21,9 +21,9 @@ import pytest
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server import liveness, store
-from server.db import init_db, make_engine, make_session_factory
-from server.settings import Settings
+from layerwatch.server import liveness, store
+from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.settings import Settings
 from tests.serving import serve
 
 TIMEOUT_S = 2.0  # the server's --heartbeat-timeout here
@@ -163,7 +163,7 @@ def test_a_fresh_server_judges_no_one_before_it_listened_a_whole_timeout() -> No
 def test_the_sweeper_reports_what_it_marked(tmp_path: Path, run_frames: Any) -> None:
     import threading
 
-    from server.live import LiveHub
+    from layerwatch.server.live import LiveHub
 
     engine = make_engine(f"sqlite:///{tmp_path}/t.db")
     init_db(engine)
@@ -190,7 +190,7 @@ def test_a_bad_heartbeat_timeout_is_named(bad: object) -> None:
 @pytest.mark.parametrize("bad", ["soon", "0", "-5", "nan", "inf"])
 def test_the_cli_refuses_a_bad_heartbeat_timeout(bad: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--heartbeat-timeout", bad],
+        [sys.executable, "-m", "layerwatch", "serve", "--heartbeat-timeout", bad],
         capture_output=True,
         text=True,
         timeout=60,
@@ -203,7 +203,7 @@ def test_the_sweeper_runs_again_when_the_app_is_started_on_a_new_event_loop(tmp_
     """Each TestClient (or an ASGI test tool) runs the lifespan on a loop of its own."""
     from fastapi.testclient import TestClient
 
-    from server.main import create_app
+    from layerwatch.server.main import create_app
 
     app = create_app(Settings(db_url=f"sqlite:///{tmp_path}/loops.db", heartbeat_timeout_s=0.4))
     for _ in range(2):

@@ -19,8 +19,8 @@ from starlette.websockets import WebSocketDisconnect
 from torch import nn
 
 from client_hook import monitor, wire
-from server import cli
-from server.settings import Settings, parse_project_tokens
+from layerwatch.server import cli
+from layerwatch.server.settings import Settings, parse_project_tokens
 from tests.serving import serve
 from tests.training import train_step
 

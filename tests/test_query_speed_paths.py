@@ -21,8 +21,8 @@ import pytest
 from websockets.sync.client import connect
 
 from client_hook import wire
-from server import rollup, store
-from server.db import init_db, make_engine, make_session_factory
+from layerwatch.server import rollup, store
+from layerwatch.server.db import init_db, make_engine, make_session_factory
 from tests.conftest import stat_row
 from tests.serving import serve
 

@@ -19,9 +19,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server import rollup, store
-from server.db import init_db, make_engine, make_session_factory
-from server.tables import LayerStatRollup
+from layerwatch.server import rollup, store
+from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.tables import LayerStatRollup
 
 LAYERS = ("embed", "block.0", "block.1", "head")
 PARAMS = ("weight", "bias")

@@ -35,7 +35,7 @@ def server_process(db: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     log = db.with_name(f"server-{port}-{time.monotonic_ns()}.log")
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--port", str(port), "--db", f"sqlite:///{db}"],
+            [sys.executable, "-m", "layerwatch", "serve", "--port", str(port), "--db", f"sqlite:///{db}"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -327,3 +327,53 @@ def test_close_with_the_server_away_returns_and_says_what_stays_on_disk(
     assert (int(match.group(2)), int(match.group(3))) == (0, 4)
     assert [e.seq for e in on_disk] == list(range(len(on_disk)))  # nothing lost, nothing twice
     assert {e.cls for e in on_disk} >= {"run_start", "loss", "layer_stats", "histograms", "run_end"}
+
+
+def test_the_default_spool_is_private_to_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No LAYERWATCH_SPOOL_DIR: the user's own cache folder, mode 0700, tightened if looser; never shared temp."""
+    from client_hook.spool import default_spool_dir
+
+    monkeypatch.delenv("LAYERWATCH_SPOOL_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = default_spool_dir()
+    assert path == tmp_path / "cache" / "layerwatch" / "spool"
+    assert path.stat().st_mode & 0o777 == 0o700
+    path.chmod(0o777)
+    assert default_spool_dir().stat().st_mode & 0o777 == 0o700
+    # A home that cannot be written (the cache "folder" is a file): a 0700 folder named for the user id.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    fallback = default_spool_dir()
+    assert fallback == tmp_path / "tmp" / f"layerwatch-spool-{os.getuid()}"
+    assert fallback.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_training_with_the_server_away_leaves_its_frames_in_the_users_spool(tmp_path: Path) -> None:
+    """A real training process whose server never answers: its frames are in ~/.cache/layerwatch/spool/<run>/."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn as nn; from client_hook import monitor\n"
+        "model = nn.Linear(4, 2); opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        f"mon = monitor.attach(model, optimizer=opt, server='http://127.0.0.1:{free_port()}', run='away',"
+        " every=1, close_timeout=0.5)\n"
+        "for _ in range(5):\n"
+        "    loss = model(torch.randn(8, 4)).pow(2).mean(); opt.zero_grad(); loss.backward(); opt.step()\n"
+        "    mon.log(loss=loss)\n"
+        "mon.close(); print(mon.run_id)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LAYERWATCH_SPOOL_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.split()[-1]
+    root = tmp_path / "cache" / "layerwatch" / "spool"
+    assert root.stat().st_mode & 0o777 == 0o700
+    frames = [e for seg in sorted((root / run_id).glob("*.jsonl")) for e in read_segment(seg)[0]]
+    losses = [json.loads(e.text) for e in frames if e.cls == "loss"]
+    assert [f["step"] for f in losses] == [0, 1, 2, 3, 4]
+    assert not list((tmp_path / "tmp").glob("layerwatch*")), "nothing of ours in the shared temp folder"

@@ -12,9 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server import store
-from server.db import init_db, make_engine, make_session_factory
-from server.tables import Alert, LayerStat, ReceivedFrame, Run, Scalar
+from layerwatch.server import store
+from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.tables import Alert, LayerStat, ReceivedFrame, Run, Scalar
 from tests.conftest import stat_row
 
 

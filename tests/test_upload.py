@@ -23,7 +23,7 @@ STEPS = 12
 
 def upload(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", "upload", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "layerwatch", "upload", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -124,7 +124,7 @@ def serve_with_webhooks(
     """`layerwatch serve --webhook URL ...` as a real process (signing with `secret`); yield its base URL."""
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "server", "serve", "--port", str(port), "--db", f"sqlite:///{db_path}"]
+    command = [sys.executable, "-m", "layerwatch", "serve", "--port", str(port), "--db", f"sqlite:///{db_path}"]
     for url in webhooks:
         command += ["--webhook", url]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERWATCH_")}
@@ -334,7 +334,7 @@ def test_a_bad_webhook_url_stops_start_up_naming_it(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "server",
+                "layerwatch",
                 "serve",
                 "--port",
                 str(free_port()),
@@ -353,7 +353,7 @@ def test_a_bad_webhook_url_stops_start_up_naming_it(tmp_path: Path) -> None:
 
 def test_webhook_test_command_posts_a_valid_signed_sample(webhook_receiver: Receiver) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERWATCH_")}
-    command = [sys.executable, "-m", "server", "webhook", "test", webhook_receiver.url, "--secret", SECRET]
+    command = [sys.executable, "-m", "layerwatch", "webhook", "test", webhook_receiver.url, "--secret", SECRET]
     result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 0, result.stderr
     assert "HTTP 200" in result.stdout
@@ -383,7 +383,7 @@ def test_webhook_test_command_fails_when_the_receiver_does(tmp_path: Path) -> No
     try:
         for url in (refusing.url, f"http://127.0.0.1:{free_port()}/nobody", "not-a-url"):
             result = subprocess.run(
-                [sys.executable, "-m", "server", "webhook", "test", url], capture_output=True, text=True, timeout=30
+                [sys.executable, "-m", "layerwatch", "webhook", "test", url], capture_output=True, text=True, timeout=30
             )
             assert result.returncode != 0 and url in result.stderr, (url, result.stderr)
     finally:

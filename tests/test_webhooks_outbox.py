@@ -17,10 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from client_hook import wire
-from server.main import create_app
-from server.settings import Settings
-from server.webhooks import outbox, payload, signing
-from server.webhooks.sender import Answer, parse_retry_after
+from layerwatch.server.main import create_app
+from layerwatch.server.settings import Settings
+from layerwatch.server.webhooks import outbox, payload, signing
+from layerwatch.server.webhooks.sender import Answer, parse_retry_after
 from tests.test_webhooks import Receiver, finding, findings_frame, wait_until
 
 
@@ -160,7 +160,7 @@ def test_an_alert_raised_outside_ingest_is_sent_once_it_commits(
     db_url: str, receiver: Receiver, run_frames: Any
 ) -> None:
     """What the diagnosis engine does: upsert_alert (which queues the deliveries), then commit."""
-    from server import store
+    from layerwatch.server import store
 
     with app_client(db_url, webhooks=[receiver.url]) as client:
         send(client, run_frames(end=False))

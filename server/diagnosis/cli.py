@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
     """Print the findings; exit 0, or 1 when the run is not found."""
     # Imported here: `layerwatch --help` and `layerwatch demo` need none of it.
     from client_hook.catalog import severity_rank
-    from server import store
-    from server.db import init_db, make_engine, make_session_factory
-    from server.diagnosis.engine import diagnose_stored_run
+    from layerwatch.server import store
+    from layerwatch.server.db import init_db, make_engine, make_session_factory
+    from layerwatch.server.diagnosis.engine import diagnose_stored_run
 
     engine = make_engine(args.db)
     init_db(engine)

@@ -21,12 +21,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from server import store
-from server.diagnosis import replay
-from server.diagnosis.history import RunHistory
-from server.diagnosis.rules import RULES
-from server.diagnosis.view import RunView
-from server.store import Finding
+from layerwatch.server import store
+from layerwatch.server.diagnosis import replay
+from layerwatch.server.diagnosis.history import RunHistory
+from layerwatch.server.diagnosis.rules import RULES
+from layerwatch.server.diagnosis.view import RunView
+from layerwatch.server.store import Finding
 
 log = logging.getLogger(__name__)
 

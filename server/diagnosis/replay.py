@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server.store import Finding
-from server.tables import LayerStat, Run, Scalar, StepSignal
+from layerwatch.server.store import Finding
+from layerwatch.server.tables import LayerStat, Run, Scalar, StepSignal
 
 CHUNK_STEPS = 2000
 

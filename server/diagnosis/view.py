@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from client_hook.catalog import RULES
-from server.diagnosis.history import RunHistory, StepRecord
-from server.store import Finding
+from layerwatch.server.diagnosis.history import RunHistory, StepRecord
+from layerwatch.server.store import Finding
 
 
 class RunView:

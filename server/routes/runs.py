@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server import __version__, auth, store
-from server.schemas import (
+from layerwatch.server import __version__, auth, store
+from layerwatch.server.schemas import (
     AlertPublic,
     HealthPublic,
     HeatmapPublic,

@@ -12,7 +12,7 @@ import plotly
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
-from web import WEB_DIR
+from layerwatch.web import WEB_DIR
 
 router = APIRouter()
 

@@ -15,11 +15,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 
 from client_hook import wire
-from server import auth
-from server.ingest import WRITE_LOCK
-from server.routes.runs import AccessDep, SessionDep, get_run_or_404
-from server.webhooks import store
-from server.webhooks.schemas import AlertDeliveriesPublic, DeliveryPublic, WebhookCreate, WebhookPublic
+from layerwatch.server import auth
+from layerwatch.server.ingest import WRITE_LOCK
+from layerwatch.server.routes.runs import AccessDep, SessionDep, get_run_or_404
+from layerwatch.server.webhooks import store
+from layerwatch.server.webhooks.schemas import AlertDeliveriesPublic, DeliveryPublic, WebhookCreate, WebhookPublic
 
 router = APIRouter(prefix="/api/webhooks", tags=["webhooks"])
 # On the routes that manage webhooks (they reach every project's alerts).

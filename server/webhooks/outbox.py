@@ -22,13 +22,13 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from server.tables import Project, Run
-from server.webhooks import payload
-from server.webhooks.sender import Answer
-from server.webhooks.tables import DELIVERED, FAILED, PENDING, Webhook, WebhookAttempt, WebhookDelivery
+from layerwatch.server.tables import Project, Run
+from layerwatch.server.webhooks import payload
+from layerwatch.server.webhooks.sender import Answer
+from layerwatch.server.webhooks.tables import DELIVERED, FAILED, PENDING, Webhook, WebhookAttempt, WebhookDelivery
 
 if TYPE_CHECKING:  # server.store imports this module: types only, no import cycle
-    from server.store import AlertInfo, RunInfo
+    from layerwatch.server.store import AlertInfo, RunInfo
 
 log = logging.getLogger(__name__)
 

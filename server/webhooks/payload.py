@@ -11,9 +11,9 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from server import __version__
-from server.schemas import json_safe
-from server.webhooks.signing import IDEMPOTENCY_HEADER, SIGNATURE_HEADER
+from layerwatch.server import __version__
+from layerwatch.server.schemas import json_safe
+from layerwatch.server.webhooks.signing import IDEMPOTENCY_HEADER, SIGNATURE_HEADER
 
 # A Slack message line stays readable up to about this long.
 MAX_TEXT_MESSAGE = 300

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from client_hook import wire
-from server.settings import check_webhook_url
+from layerwatch.server.settings import check_webhook_url
 
 Severity = Literal[wire.SEVERITIES]  # type: ignore[valid-type]
 

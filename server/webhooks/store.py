@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from server.webhooks.tables import (
+from layerwatch.server.webhooks.tables import (
     DELIVERED,
     FAILED,
     PENDING,

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.settings import Settings
-from server.webhooks import outbox, payload, sender, signing
+from layerwatch.server.settings import Settings
+from layerwatch.server.webhooks import outbox, payload, sender, signing
 
 log = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ def add_alert(server: str, server_db: Path):
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
-    from server.tables import Alert
+    from layerwatch.server.tables import Alert
 
     engine = create_engine(f"sqlite:///{server_db}")
 

@@ -93,7 +93,7 @@ def test_the_alert_reaches_the_training_process_and_diagnose_finds_it_again(
 
     run_id = train_and_diagnose.last_run_id
     out = subprocess.run(
-        [sys.executable, "-m", "server", "diagnose", run_id, "--db", f"sqlite:///{diag_db}"],
+        [sys.executable, "-m", "layerwatch", "diagnose", run_id, "--db", f"sqlite:///{diag_db}"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -101,7 +101,7 @@ def test_the_alert_reaches_the_training_process_and_diagnose_finds_it_again(
     ).stdout
     assert "critical non_finite [3]  steps 10..10" in out, out
     missing = subprocess.run(
-        [sys.executable, "-m", "server", "diagnose", "no-such-run", "--db", f"sqlite:///{diag_db}"],
+        [sys.executable, "-m", "layerwatch", "diagnose", "no-such-run", "--db", f"sqlite:///{diag_db}"],
         capture_output=True,
         text=True,
         timeout=120,

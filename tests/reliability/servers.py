@@ -17,8 +17,8 @@ from pathlib import Path
 
 import uvicorn
 
-from server.main import create_app
-from server.settings import Settings
+from layerwatch.server.main import create_app
+from layerwatch.server.settings import Settings
 from tests.serving import free_port, wait_until_up
 
 
@@ -38,7 +38,7 @@ class ServerProcess:
         self.starts = 0
 
     def start(self) -> str:
-        command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "layerwatch", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--db", f"sqlite:///{self.db_path}"],

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from client_hook import wire
-from server.settings import Settings
+from layerwatch.server.settings import Settings
 from tests.reliability import badframes, frames
 from tests.reliability.badframes import Bad
 from tests.reliability.ledger import count, ledger_gaps, received_seqs, run_ids, scalar_steps

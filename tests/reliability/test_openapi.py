@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from websockets.sync.client import connect
 
 from client_hook import wire
-from server.settings import Settings
+from layerwatch.server.settings import Settings
 from tests.reliability import frames
 from tests.reliability.servers import ThreadedServer
 

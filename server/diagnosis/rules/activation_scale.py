@@ -26,8 +26,8 @@ sigmoid/tanh: their trouble is `saturated_units`), and ReLU layers that are
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt, streak, sustained
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt, streak, sustained
+from layerwatch.server.store import Finding
 
 RULE_ID = "activation_scale"
 

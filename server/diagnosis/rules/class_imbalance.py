@@ -11,8 +11,8 @@ not make a ratio.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt
+from layerwatch.server.store import Finding
 
 RULE_ID = "class_imbalance"
 

@@ -28,8 +28,8 @@ the element proxy is used with a stricter threshold, ZERO_FRACTION_PROXY.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt, streak, sustained
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt, streak, sustained
+from layerwatch.server.store import Finding
 
 RULE_ID = "dead_units"
 

@@ -14,8 +14,8 @@ read `self.training` — gets the catalogue's `warning`.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView
+from layerwatch.server.store import Finding
 
 RULE_ID = "eval_mode_training"
 

@@ -13,8 +13,8 @@ parameters are spread over the model.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt
+from layerwatch.server.store import Finding
 
 RULE_ID = "frozen_parameters"
 

@@ -10,8 +10,8 @@ the first of them finds zeros (or None), so it is not flagged.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView
+from layerwatch.server.store import Finding
 
 RULE_ID = "gradients_not_zeroed"
 

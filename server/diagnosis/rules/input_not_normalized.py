@@ -11,8 +11,8 @@ not measured by the client, so they never trip this rule.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt
+from layerwatch.server.store import Finding
 
 RULE_ID = "input_not_normalized"
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 
-from server.diagnosis.view import RunView, fmt, param_descriptions
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt, param_descriptions
+from layerwatch.server.store import Finding
 
 RULE_ID = "loss_at_init"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from server.diagnosis.view import RunView
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView
+from layerwatch.server.store import Finding
 
 RULE_ID = "non_finite"
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 
-from server.diagnosis.view import RunView, fmt
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt
+from layerwatch.server.store import Finding
 
 RULE_ID = "overfitting"
 

@@ -12,8 +12,8 @@ far more common than either and wastes the whole run.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView
+from layerwatch.server.store import Finding
 
 RULE_ID = "repeated_batch"
 

@@ -15,8 +15,8 @@ examples the model is sure about.
 
 from __future__ import annotations
 
-from server.diagnosis.view import RunView, fmt, streak, sustained
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt, streak, sustained
+from layerwatch.server.store import Finding
 
 RULE_ID = "saturated_units"
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from server.diagnosis.view import RunView, fmt
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt
+from layerwatch.server.store import Finding
 
 RULE_ID = "single_class_batch"
 

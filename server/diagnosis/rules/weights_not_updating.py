@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from server.diagnosis.view import RunView, fmt, median
-from server.store import Finding
+from layerwatch.server.diagnosis.view import RunView, fmt, median
+from layerwatch.server.store import Finding
 
 RULE_ID = "weights_not_updating"
 
