@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,10 @@ def _fill_missing_rollups(engine: Engine) -> None:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit (results outlive the transaction)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+# One writer at a time in this process: SQLite allows a single writer, and
+# queuing here is cheaper than the busy-timeout retries (and the "database is
+# locked" errors past them) that concurrent clients would otherwise cause.
+# Ingest, the webhook routes, the webhook worker and the crashed-run sweeper share it.
+WRITE_LOCK = threading.Lock()

@@ -18,19 +18,15 @@ project's token hears of that project's runs only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-
-from layerwatch.server import auth, store
+from layerwatch.server import store
 from layerwatch.server.schemas import AlertPublic, RunPublic, json_safe
 
 log = logging.getLogger(__name__)
 
-router = APIRouter()
 
 # Enough for a few seconds of a busy run; past it the dashboard is not reading.
 QUEUE_SIZE = 1000
@@ -138,44 +134,3 @@ def alert_event(alert: store.AlertInfo) -> dict[str, Any]:
         evidence=alert.evidence,
     )
     return {"type": "alert", "run_id": alert.run_id, "alert": public.model_dump(mode="json")}
-
-
-@router.websocket("/ws/live")
-async def live(websocket: WebSocket) -> None:
-    hub: LiveHub = websocket.app.state.hub
-    try:
-        access = auth.websocket_access(websocket, websocket.app.state.settings)
-    except auth.Refused as exc:
-        problem = str(exc)
-        # Accepted first, then closed: a browser sees a refused handshake only as code 1006,
-        # but it does see this close code and reason, and can ask for a token.
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await websocket.accept()
-            # A close reason is at most 123 bytes; the problem may quote a client's non-ASCII text.
-            reason = problem.encode("utf-8", "replace")[:120].decode("utf-8", "ignore")
-            await websocket.close(code=auth.CLOSE_UNAUTHORIZED, reason=reason)
-        return
-    # Subscribed before the handshake completes, so no event after it is missed.
-    queue = hub.subscribe(access.project)
-    sender: asyncio.Task[None] | None = None
-
-    async def forward() -> None:
-        while True:
-            await websocket.send_text(await queue.get())
-
-    try:
-        await websocket.accept()
-        sender = asyncio.create_task(forward())
-        # Dashboards send nothing; reading is how a closed tab is noticed while no events flow.
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-    except (WebSocketDisconnect, RuntimeError):
-        pass
-    finally:
-        hub.unsubscribe(queue)
-        if sender is not None:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender

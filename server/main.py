@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from layerwatch.server import __version__, auth, ingest, live
-from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server import __version__, auth, live
+from layerwatch.server.db import WRITE_LOCK, init_db, make_engine, make_session_factory
+from layerwatch.server.diagnosis.engine import Engine
 from layerwatch.server.liveness import Sweeper
-from layerwatch.server.routes import runs, web, webhooks
+from layerwatch.server.routes import health, ingest, runs, web, webhooks
+from layerwatch.server.routes import live as live_socket
 from layerwatch.server.settings import Settings
 from layerwatch.server.webhooks import store as webhook_store
 from layerwatch.server.webhooks.worker import WebhookWorker
@@ -31,9 +33,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhook_store.sync_config_webhooks(
             session, urls=settings.webhooks, min_severity=settings.webhook_min_severity, now=time.time()
         )
-    worker = WebhookWorker(sessions=sessions, settings=settings, write_lock=ingest.WRITE_LOCK)
+    worker = WebhookWorker(sessions=sessions, settings=settings, write_lock=WRITE_LOCK)
     hub = live.LiveHub()
-    sweeper = Sweeper(sessions=sessions, hub=hub, write_lock=ingest.WRITE_LOCK, timeout_s=settings.heartbeat_timeout_s)
+    sweeper = Sweeper(sessions=sessions, hub=hub, write_lock=WRITE_LOCK, timeout_s=settings.heartbeat_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,14 +55,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.webhooks = worker
     app.state.hub = hub
+    app.state.diagnosis = Engine()  # one per process: the rules' per-run history lives here
     app.state.liveness = sweeper
 
     # With a token set, everything under /api wants it (auth.OPEN_PATHS excepted); the
     # websockets check it themselves, and the dashboard's files stay open so it can ask.
     token_required = [Depends(auth.require_token)]
+    app.include_router(health.router)  # open: auth.OPEN_PATHS
     app.include_router(runs.router, dependencies=token_required)
     app.include_router(webhooks.router, dependencies=token_required)
     app.include_router(ingest.router)
-    app.include_router(live.router)
+    app.include_router(live_socket.router)
     app.include_router(web.router)
     return app

@@ -159,8 +159,8 @@ def test_the_body_is_compact_json_whose_text_is_one_line(tmp_path: Path) -> None
 def test_an_alert_raised_outside_ingest_is_sent_once_it_commits(
     db_url: str, receiver: Receiver, run_frames: Any
 ) -> None:
-    """What the diagnosis engine does: upsert_alert (which queues the deliveries), then commit."""
-    from layerwatch.server import store
+    """What the diagnosis engine does: alerting.raise_alert (the row and its deliveries), then commit."""
+    from layerwatch.server import alerting, store
 
     with app_client(db_url, webhooks=[receiver.url]) as client:
         send(client, run_frames(end=False))
@@ -168,8 +168,8 @@ def test_an_alert_raised_outside_ingest_is_sent_once_it_commits(
             found = store.Finding(
                 rule="loss_diverging", severity="critical", layer=None, step=2, message="m", remedy="r"
             )
-            alert, change = store.upsert_alert(session, run_id="run-1", finding=found, now=time.time())
-            # Already queued by upsert_alert: enqueuing again adds nothing (one delivery per webhook).
+            alert, change = alerting.raise_alert(session, run_id="run-1", finding=found, now=time.time())
+            # Already queued by raise_alert: enqueuing again adds nothing (one delivery per webhook).
             assert change == store.ALERT_NEW
             assert outbox.enqueue(session, alert=alert, change=change, now=time.time()) == 0
             session.commit()

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the findings; exit 0, or 1 when the run is not found."""
     # Imported here: `layerwatch --help` and `layerwatch demo` need none of it.
     from client_hook.catalog import severity_rank
-    from layerwatch.server import store
+    from layerwatch.server import alerting, store
     from layerwatch.server.db import init_db, make_engine, make_session_factory
     from layerwatch.server.diagnosis.engine import diagnose_stored_run
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if args.store:
             now = time.time()
             for finding, _, first in findings:
-                store.upsert_alert(session, run_id=found.id, finding=finding, now=now, first_step=first)
+                alerting.raise_alert(session, run_id=found.id, finding=finding, now=now, first_step=first)
             session.commit()
             print("stored as the run's alerts")
     engine.dispose()

@@ -21,12 +21,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from layerwatch.server import store
+from layerwatch.server import alerting, store
 from layerwatch.server.diagnosis import replay
 from layerwatch.server.diagnosis.history import RunHistory
 from layerwatch.server.diagnosis.rules import RULES
 from layerwatch.server.diagnosis.view import RunView
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Engine:
                     diagnosis.history.add_frame(frame)
                     diagnosis.last_seq = frame["seq"]
             for finding, _times, first in merge(diagnosis.evaluate()):
-                changes.append(store.upsert_alert(session, run_id=run_id, finding=finding, now=now, first_step=first))
+                changes.append(alerting.raise_alert(session, run_id=run_id, finding=finding, now=now, first_step=first))
             if diagnosis.history.finished:
                 del self._runs[run_id]  # a finished run needs no live state
         session.commit()

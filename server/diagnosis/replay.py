@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 from layerwatch.server.tables import LayerStat, Run, Scalar, StepSignal
 
 CHUNK_STEPS = 2000

@@ -14,7 +14,7 @@ from typing import Any
 
 from client_hook.catalog import RULES
 from layerwatch.server.diagnosis.history import RunHistory, StepRecord
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 
 class RunView:

@@ -1,23 +1,22 @@
 """REST: runs and what was recorded about them, under /api.
 
-Routes only translate between HTTP and `server.store`; they hold no SQL.
-Responses go through the models in `server.schemas`, which turn NaN and
+Routes only translate between HTTP and `layerwatch.server.store`; they hold no SQL. Shared
+dependencies (session, access, the run of a path) are in `routes/deps.py`.
+Responses go through the models in `layerwatch.server.schemas`, which turn NaN and
 ±Infinity into null.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Query
 
 from client_hook import wire
-from layerwatch.server import __version__, auth, store
+from layerwatch.server import store
+from layerwatch.server.routes.deps import RUN_NOT_FOUND, AccessDep, RunDep, SessionDep
 from layerwatch.server.schemas import (
     AlertPublic,
-    HealthPublic,
     HeatmapPublic,
     HistogramSeriesPublic,
     LayerSeriesPublic,
@@ -30,33 +29,9 @@ from layerwatch.server.schemas import (
 router = APIRouter(prefix="/api")
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
-
-# Literal types give 422s that name the bad value and the allowed ones, and enums in /docs.
 TensorKind = Literal[wire.TENSOR_KINDS]  # type: ignore[valid-type]
 StatName = Literal[store.HEATMAP_STATS]  # type: ignore[valid-type]
 
-
-# What the request's token may see (every project without access control); see server/auth.py.
-AccessDep = Annotated[auth.Access, Depends(auth.require_token)]
-
-
-def get_run_or_404(session: SessionDep, access: AccessDep, run_id: str) -> store.RunInfo:
-    run = store.get_run(session, run_id=run_id)
-    # Another project's run is answered as absent: a project token learns nothing of it.
-    if run is None or not access.allows(run.project):
-        raise HTTPException(status_code=404, detail=f"no run with id {run_id!r}")
-    return run
-
-
-RunDep = Annotated[store.RunInfo, Depends(get_run_or_404)]
-# Documented on every route that takes a run id, so the OpenAPI page lists the 404 it can answer.
-RUN_NOT_FOUND: dict[int | str, dict] = {404: {"description": "No run with this id"}}
 
 # A step window and a point budget, shared by every series endpoint: the defaults
 # show a whole run in ~2000 points per trace (spikes kept); a zoomed-in window
@@ -67,13 +42,6 @@ EndQuery = Annotated[int | None, Query(ge=0, le=wire.MAX_COUNT, description="las
 MaxPointsQuery = Annotated[
     int, Query(ge=1, le=1_000_000, description="at most this many points per trace; longer ranges are bucketed")
 ]
-
-
-@router.get("/health")
-def health(request: Request) -> HealthPublic:
-    """Whether a layerwatch server answers here, which wire protocol it speaks, and whether it wants a token."""
-    wanted = "token" if request.app.state.settings.auth_required else None
-    return HealthPublic(status="ok", version=__version__, protocol=wire.PROTOCOL_VERSION, auth=wanted)
 
 
 @router.get("/runs")

@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, st
 
 from client_hook import wire
 from layerwatch.server import auth
-from layerwatch.server.ingest import WRITE_LOCK
-from layerwatch.server.routes.runs import AccessDep, SessionDep, get_run_or_404
+from layerwatch.server.db import WRITE_LOCK
+from layerwatch.server.routes.deps import AccessDep, SessionDep, get_run_or_404
 from layerwatch.server.webhooks import store
 from layerwatch.server.webhooks.schemas import AlertDeliveriesPublic, DeliveryPublic, WebhookCreate, WebhookPublic
 

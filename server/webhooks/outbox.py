@@ -16,23 +16,21 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from client_hook import wire
+from layerwatch.server.records import ALERT_ESCALATED, ALERT_NEW, AlertInfo, RunInfo
 from layerwatch.server.tables import Project, Run
 from layerwatch.server.webhooks import payload
 from layerwatch.server.webhooks.sender import Answer
 from layerwatch.server.webhooks.tables import DELIVERED, FAILED, PENDING, Webhook, WebhookAttempt, WebhookDelivery
 
-if TYPE_CHECKING:  # server.store imports this module: types only, no import cycle
-    from layerwatch.server.store import AlertInfo, RunInfo
-
 log = logging.getLogger(__name__)
 
-SEND_ON = ("new", "escalated")  # store.ALERT_NEW, store.ALERT_ESCALATED; an update is never sent again
+SEND_ON = (ALERT_NEW, ALERT_ESCALATED)  # an update is never sent again
 # A claimed delivery is not handed out again for this long past its timeout:
 # if the process dies mid-send, it is sent again after that (at least once).
 CLAIM_GRACE_S = 30.0
@@ -79,7 +77,7 @@ def _project_of(session: Session, run: RunInfo | Run) -> str:
 def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run: RunInfo | Run | None = None) -> int:
     """Add one pending delivery of `alert` per webhook that wants it; return how many.
 
-    Only a new or escalated alert is sent (`change` from `store.upsert_alert`);
+    Only a new or escalated alert is sent (`change` from `store.upsert_alert`, via `alerting.raise_alert`);
     a webhook wants it when the alert's severity is at least its
     `min_severity` and it is for every project or the run's. `run` (a
     `store.RunInfo` or a `tables.Run` row) saves a lookup; without it the run

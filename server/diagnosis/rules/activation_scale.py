@@ -27,7 +27,7 @@ sigmoid/tanh: their trouble is `saturated_units`), and ReLU layers that are
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView, fmt, streak, sustained
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "activation_scale"
 

@@ -12,7 +12,7 @@ not make a ratio.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView, fmt
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "class_imbalance"
 

@@ -29,7 +29,7 @@ the element proxy is used with a stricter threshold, ZERO_FRACTION_PROXY.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView, fmt, streak, sustained
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "dead_units"
 

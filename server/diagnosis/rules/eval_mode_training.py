@@ -15,7 +15,7 @@ read `self.training` — gets the catalogue's `warning`.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "eval_mode_training"
 

@@ -21,7 +21,7 @@ import math
 from collections import deque
 
 from layerwatch.server.diagnosis.view import RunView, fmt, median
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "exploding_gradients"
 

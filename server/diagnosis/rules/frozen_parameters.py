@@ -14,7 +14,7 @@ parameters are spread over the model.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView, fmt
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "frozen_parameters"
 

@@ -11,7 +11,7 @@ the first of them finds zeros (or None), so it is not flagged.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "gradients_not_zeroed"
 

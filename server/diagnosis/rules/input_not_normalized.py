@@ -12,7 +12,7 @@ not measured by the client, so they never trip this rule.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView, fmt
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "input_not_normalized"
 

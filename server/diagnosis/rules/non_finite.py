@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from layerwatch.server.diagnosis.view import RunView
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "non_finite"
 

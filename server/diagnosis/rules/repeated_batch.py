@@ -13,7 +13,7 @@ far more common than either and wastes the whole run.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "repeated_batch"
 

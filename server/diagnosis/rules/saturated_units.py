@@ -16,7 +16,7 @@ examples the model is sure about.
 from __future__ import annotations
 
 from layerwatch.server.diagnosis.view import RunView, fmt, streak, sustained
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "saturated_units"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 
 from layerwatch.server.diagnosis.view import RunView, fmt
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "single_class_batch"
 

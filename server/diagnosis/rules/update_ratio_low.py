@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from layerwatch.server.diagnosis.view import RunView, fmt, median
-from layerwatch.server.store import Finding
+from layerwatch.server.records import Finding
 
 RULE_ID = "update_ratio_low"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any
 
 import orjson
@@ -21,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from client_hook import wire
-from layerwatch.server import auth, store
+from layerwatch.server import alerting, auth, store
+from layerwatch.server.db import WRITE_LOCK
 from layerwatch.server.diagnosis.engine import Engine
 from layerwatch.server.live import LiveHub, alert_event, ingest_events
 from layerwatch.server.settings import Settings
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-# One writer at a time in this process: SQLite allows a single writer, and
-# queuing here is cheaper than the busy-timeout retries (and the "database is
-# locked" errors past them) that concurrent clients would otherwise cause.
-WRITE_LOCK = threading.Lock()
 
 
 class BadMessage(Exception):
@@ -103,7 +99,7 @@ def _receive(
         # store one of these runs, under another project, between the check and the write.
         if access.project is not None:
             _check_access(session, frames, access, allowed)
-        result = store.ingest_batch(session, frames=frames)
+        result = store.ingest_batch(session, frames=frames, raise_alert=alerting.raise_alert)
         # The rules run on what was just committed; their alerts commit separately, after
         # the data (store first: a rule failure can never lose a frame).
         try:
@@ -128,19 +124,12 @@ async def _reject(websocket: WebSocket, text: str, code: int) -> None:
         pass  # the client is gone already; nothing to tell it
 
 
-def _diagnosis(websocket: WebSocket) -> Engine:
-    """The app's diagnosis engine (one per server process, created on first use)."""
-    state = websocket.app.state
-    if getattr(state, "diagnosis", None) is None:
-        state.diagnosis = Engine()
-    return state.diagnosis
-
-
 @router.websocket("/ws/ingest")
 async def ingest(websocket: WebSocket) -> None:
     settings: Settings = websocket.app.state.settings
     sessions: sessionmaker[Session] = websocket.app.state.sessions
     hub: LiveHub = websocket.app.state.hub
+    diagnosis: Engine = websocket.app.state.diagnosis
 
     await websocket.accept()
     try:
@@ -160,7 +149,7 @@ async def ingest(websocket: WebSocket) -> None:
             return
         try:
             result, runs = await run_in_threadpool(
-                _receive, sessions, _diagnosis(websocket), message, settings.max_message_bytes, access, allowed
+                _receive, sessions, diagnosis, message, settings.max_message_bytes, access, allowed
             )
         except BadMessage as exc:
             await _reject(websocket, str(exc), exc.code)
