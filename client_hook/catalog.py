@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")  # in rising order
+from client_hook.wire import SEVERITIES, severity_rank  # noqa: F401  (re-exported: one definition, in wire)
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,3 @@ RULES: dict[str, RuleInfo] = {
         ),
     )
 }
-
-
-def severity_rank(severity: str) -> int:
-    """0 for info, 1 for warning, 2 for critical: escalation compares these."""
-    return SEVERITIES.index(severity)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from client_hook.catalog import RULES, severity_rank
+from client_hook.catalog import RULES
+from client_hook.wire import severity_rank
 
 SOURCE = "preflight"  # evidence["source"] of every finding: tells them apart from live alerts
 PASSED, SKIPPED = "ok", "skipped"

@@ -44,10 +44,22 @@ STAT_FIELDS: tuple[str, ...] = ("mean", "std", "rms", "norm", "min", "max", "non
 TENSOR_KINDS: tuple[str, ...] = ("weight", "grad", "activation")
 ACTIVATION_PARAM = "output"  # the `param` of an activation row: the module's output
 
-LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *STAT_FIELDS, "update_ratio", "sat_frac")
+# Every statistic a layer_stats row holds: STAT_FIELDS, then the update ratio (parameters)
+# and the saturated fraction (Tanh/Sigmoid outputs). The one list: the tables, the rollups,
+# the REST `stat` parameter and the dashboard (served as /static/vocabulary.js) take it.
+LAYER_STATS: tuple[str, ...] = (*STAT_FIELDS, "update_ratio", "sat_frac")
+LAYER_STAT_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", *LAYER_STATS)
 HISTOGRAM_COLUMNS: tuple[str, ...] = ("layer", "param", "kind", "lo", "hi", "counts")
 HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i = 0..HIST_BINS
 
+# Adding a frame kind: the places that must know it (tests/test_layout.py fails when one does not):
+#   1. FRAME_KINDS below, and its fields in _REQUIRED and _OPTIONAL (validation, both sides);
+#   2. client_hook/spool.py DROP_ORDER: where it stands when the spool is full;
+#   3. server/store/writes.py `_ingest`: the rows it stores (an unstored kind raises there);
+#   4. server/diagnosis/history.py, if the rules read it; server/live.py, if dashboards hear it;
+#   5. the client code that sends it (client_hook/monitor.py or sender.py), and an example in
+#      tests/reliability/badframes.py valid_frames (the fuzzers and the layout test use it);
+#   6. the protocol's docs: this module's docstring and README's "REST and websockets".
 FRAME_KINDS: tuple[str, ...] = (
     "run_start",
     "scalars",
@@ -64,7 +76,15 @@ FRAME_KINDS: tuple[str, ...] = (
 # again if frames come back. `dropped` (on heartbeat and run_end) is the client's
 # running count of frames it had to drop, by kind or reason: the run's record of gaps.
 HEARTBEAT_S = 10.0
-SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")  # rising order
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")  # rising order: the one definition
+
+
+def severity_rank(severity: str) -> int:
+    """0 for info, 1 for warning, 2 for critical: escalation and webhook minimums compare these."""
+    return SEVERITIES.index(severity)
+
+
+
 FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "remedy", "evidence")
 
 # The always-on per-step signals of a `signals` frame (every optimizer step,

@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import Any
 
+from client_hook import wire
 from layerwatch.server.diagnosis import cli as diagnosis_cli
 
 # On SIGTERM, how long the server waits for batches in flight to commit before it cuts them
@@ -21,7 +22,6 @@ SHUTDOWN_GRACE_S = 10
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from client_hook import wire
     from layerwatch.server.auth import exposure_warning
     from layerwatch.server.main import create_app
     from layerwatch.server.settings import Settings, parse_project_tokens
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--webhook-min-severity",
-        choices=["info", "warning", "critical"],
+        choices=list(wire.SEVERITIES),
         default=os.environ.get("LAYERWATCH_WEBHOOK_MIN_SEVERITY", "warning"),
         help="the --webhook ones get alerts of this severity and above (default %(default)s)",
     )

@@ -64,7 +64,7 @@ class Spec:
 
 
 # The layer statistics a rollup keeps the extreme of: all the heatmap can show.
-STATS: tuple[str, ...] = (*wire.STAT_FIELDS, "update_ratio", "sat_frac")
+STATS: tuple[str, ...] = wire.LAYER_STATS
 
 
 def _extremes(names: Iterable[str]) -> tuple[tuple[str, str, str], ...]:

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_db: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the findings; exit 0, or 1 when the run is not found."""
     # Imported here: `layerwatch --help` and `layerwatch demo` need none of it.
-    from client_hook.catalog import severity_rank
+    from client_hook.wire import severity_rank
     from layerwatch.server import alerting, store
     from layerwatch.server.db import init_db, make_engine, make_session_factory
     from layerwatch.server.diagnosis.engine import diagnose_stored_run

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from client_hook import wire
 from layerwatch.server import alerting, store
 from layerwatch.server.diagnosis import replay
 from layerwatch.server.diagnosis.history import RunHistory
@@ -74,7 +75,7 @@ def merge(findings: list[Finding]) -> list[tuple[Finding, int, int]]:
         first.setdefault(key, f.step)
         previous = merged.get(key)
         severity = f.severity
-        if previous is not None and store.SEVERITIES.index(previous[0].severity) > store.SEVERITIES.index(severity):
+        if previous is not None and wire.severity_rank(previous[0].severity) > wire.severity_rank(severity):
             severity = previous[0].severity
         latest = Finding(f.rule, severity, f.layer, f.step, f.message, f.remedy, f.evidence)
         merged[key] = (latest, (previous[1] if previous else 0) + 1)

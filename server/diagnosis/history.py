@@ -20,19 +20,7 @@ from client_hook import wire
 MAX_STEPS = 1000  # steps of scalars and signals kept per run
 MAX_SAMPLES = 50  # sampled steps of per-layer statistics kept per run
 # The per-layer statistics the rules read (of wire.LAYER_STAT_COLUMNS), kept compact.
-KEPT_STATS: tuple[str, ...] = (
-    "mean",
-    "std",
-    "rms",
-    "norm",
-    "min",
-    "max",
-    "nonfinite",
-    "zero_frac",
-    "numel",
-    "update_ratio",
-    "sat_frac",
-)
+KEPT_STATS: tuple[str, ...] = wire.LAYER_STATS
 
 SeriesKey = tuple[str, str, str]  # (layer, param, kind)
 

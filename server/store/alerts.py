@@ -78,7 +78,7 @@ def upsert_alert(
         session.add(alert)
         change = ALERT_NEW
     else:
-        escalated = SEVERITIES.index(finding.severity) > SEVERITIES.index(alert.severity)
+        escalated = wire.severity_rank(finding.severity) > wire.severity_rank(alert.severity)
         alert.severity = finding.severity if escalated else alert.severity
         alert.first_step = min(alert.first_step, finding.step if first_step is None else first_step)
         alert.last_step = max(alert.last_step, finding.step)

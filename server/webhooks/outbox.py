@@ -93,11 +93,11 @@ def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run:
     if run is None:
         raise ValueError(f"alert {alert.id} is for run {alert.run_id!r}, which is not stored")
     project = _project_of(session, run)
-    rank = wire.SEVERITIES.index(alert.severity)
+    rank = wire.severity_rank(alert.severity)
     wanted = [
         w
         for w in webhooks
-        if wire.SEVERITIES.index(w.min_severity) <= rank and (w.project is None or w.project == project)
+        if wire.severity_rank(w.min_severity) <= rank and (w.project is None or w.project == project)
     ]
     if not wanted:
         return 0
