@@ -16,6 +16,7 @@ import tomllib
 import yaml
 from sqlalchemy.engine import make_url
 
+import client_hook
 from layerwatch.server.cli import build_parser
 from tests.serving import free_port, wait_until_up
 
@@ -109,15 +110,9 @@ def test_wheel_installs_two_top_level_names_and_serves_next_to_web_py(tmp_path: 
         text=True,
         check=True,
     ).stdout.split()
-    assert where[0] == client_hook_version() and all(p.startswith(str(site)) for p in where[1:]), where
+    assert where[0] == client_hook.__version__ and all(p.startswith(str(site)) for p in where[1:]), where
     _serve_and_check_dashboard([str(python), "-m", "layerwatch", "serve"], cwd=work)
     _serve_and_check_dashboard([str(python.parent / "layerwatch"), "serve"], cwd=work)
-
-
-def client_hook_version() -> str:
-    import client_hook
-
-    return client_hook.__version__
 
 
 def _dockerfile_steps(text: str) -> tuple[list[tuple[str, str]], list[str], list[str]]:

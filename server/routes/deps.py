@@ -23,7 +23,6 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
-# Literal types give 422s that name the bad value and the allowed ones, and enums in /docs.
 # What the request's token may see (every project without access control); see server/auth.py.
 AccessDep = Annotated[auth.Access, Depends(auth.require_token)]
 

@@ -29,6 +29,7 @@ from layerwatch.server.schemas import (
 router = APIRouter(prefix="/api")
 
 
+# Literal types give 422s that name the bad value and the allowed ones, and enums in /docs.
 TensorKind = Literal[wire.TENSOR_KINDS]  # type: ignore[valid-type]
 StatName = Literal[store.HEATMAP_STATS]  # type: ignore[valid-type]
 

@@ -6,6 +6,7 @@ CDN, so the dashboard works offline.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def plotly_js() -> FileResponse:
     return FileResponse(PLOTLY_JS, media_type="text/javascript")
 
 
+@functools.cache  # the wire schema is fixed for the process: generated once
 def vocabulary_js() -> str:
     """The wire schema's words the dashboard uses, as an ES module: generated, never a copy by hand."""
     words = {

@@ -13,6 +13,7 @@ outbox keeps its own tables and SQL in `layerwatch.server.webhooks.store`. Calle
 `store.list_runs(...)`: every public function is re-exported here.
 """
 
+from client_hook.wire import SEVERITIES
 from layerwatch.server.records import (
     ALERT_ESCALATED,
     ALERT_NEW,
@@ -23,7 +24,7 @@ from layerwatch.server.records import (
     RunInfo,
     UnknownRunError,
 )
-from layerwatch.server.store.alerts import SEVERITIES, list_alerts, upsert_alert
+from layerwatch.server.store.alerts import list_alerts, upsert_alert
 from layerwatch.server.store.codec import pack_counts, unpack_counts
 from layerwatch.server.store.runs import (
     find_run,

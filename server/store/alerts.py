@@ -19,8 +19,6 @@ from layerwatch.server.records import (
 )
 from layerwatch.server.tables import Alert
 
-SEVERITIES: tuple[str, ...] = wire.SEVERITIES
-
 
 def list_alerts(session: Session, *, run_id: str) -> list[AlertInfo]:
     """A run's alerts in the order they first fired."""

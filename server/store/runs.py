@@ -16,11 +16,9 @@ from layerwatch.server.records import (
 )
 from layerwatch.server.tables import Alert, Project, Run, Scalar
 
-SEVERITIES: tuple[str, ...] = wire.SEVERITIES
-
 
 def _alert_counts(session: Session, run_ids: Any) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SEVERITIES, 0))
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(wire.SEVERITIES, 0))
     rows = session.execute(
         select(Alert.run_id, Alert.severity, func.count())
         .where(Alert.run_id.in_(run_ids))
@@ -60,7 +58,7 @@ def list_runs(session: Session, *, project: str | None = None, name: str | None 
         query = query.where(Run.name == name)
     rows = session.execute(query.order_by(Run.created_at.desc(), Run.id)).all()
     counts = _alert_counts(session, [run.id for run, _ in rows]) if rows else {}
-    none = dict.fromkeys(SEVERITIES, 0)
+    none = dict.fromkeys(wire.SEVERITIES, 0)
     return [_run_info(run, project_name, counts.get(run.id, none)) for run, project_name in rows]
 
 
@@ -72,7 +70,7 @@ def get_run(session: Session, *, run_id: str) -> RunInfo | None:
         return None
     run, project_name = row
     counts = _alert_counts(session, [run_id])
-    return _run_info(run, project_name, counts.get(run_id, dict.fromkeys(SEVERITIES, 0)))
+    return _run_info(run, project_name, counts.get(run_id, dict.fromkeys(wire.SEVERITIES, 0)))
 
 
 def run_projects(session: Session, run_ids: list[str]) -> dict[str, str]:
