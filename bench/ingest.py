@@ -58,7 +58,7 @@ def main() -> None:
             seq += 2
         messages.append(json.dumps(wire.batch(frames)))
     with server() as (url, db):
-        # compression=None as client_hook/sender.py connects (deflate would cost both sides ~10 ms a batch).
+        # compression=None as client_hook/sending/sender.py connects (deflate would cost both sides ~10 ms a batch).
         with connect(url.replace("http", "ws") + "/ws/ingest", max_size=wire.MAX_MESSAGE_BYTES, compression=None) as ws:
             ws.send(json.dumps(wire.batch([start])))
             while json.loads(ws.recv())["kind"] != "ack":  # alerts come before the ack

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from bench._common import Trainer, figure, machine, parser
-from client_hook import monitor, stats
+from client_hook import monitor
+from client_hook.training import stats
 
 MEMORY_CAP = 8 * 2**20
 SPOOL_CAP = 16 * 2**20
@@ -61,7 +62,7 @@ def main() -> None:
             points.append(rss_mb() - start)
             spooled = max(spooled, folder_bytes(Path(spool_dir)))
         status = mon.status()
-        held = mon._sender._pending_bytes  # noqa: SLF001 - the benchmark peeks at the bounded buffer
+        held = mon._sender.pending.bytes  # noqa: SLF001 - the benchmark peeks at the bounded buffer
         mon.close()
     figure(
         "RSS growth, server down, every=1 (MLP)",

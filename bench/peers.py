@@ -16,7 +16,7 @@ import torch
 
 from bench._common import Trainer, alternate, figure, machine, parser, server
 from client_hook import monitor
-from client_hook.stats import ROW_WIDTH
+from client_hook.training.stats import ROW_WIDTH
 
 
 def main() -> None:

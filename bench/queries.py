@@ -19,8 +19,9 @@ from sqlalchemy import insert
 
 from bench._common import figure, machine, parser, percentile
 from client_hook import wire
-from layerwatch.server import rollup, store
+from layerwatch.server import store
 from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.store import rollup
 from layerwatch.server.tables import Histogram, LayerStat, Project, Run, Scalar
 
 

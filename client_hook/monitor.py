@@ -29,18 +29,20 @@ import torch
 from torch import nn
 
 from client_hook import __version__, wire
-from client_hook.collector import Collector, Sample
-from client_hook.model_info import describe_model, describe_optimizer, group_lrs
-from client_hook.preflight import preflight  # noqa: F401  (public: monitor.preflight)
-from client_hook.sampling import DEFAULT_OVERHEAD, Schedule
-from client_hook.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
-from client_hook.signals import target_counts
-from client_hook.tensors import HostCopy
+from client_hook.preflight import PreflightReport, copy_model, run_checks
+from client_hook.preflight.run import OptimizerArg
+from client_hook.sending.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
+from client_hook.training.collector import Collector, Sample
+from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs
+from client_hook.training.sampling import DEFAULT_OVERHEAD, Schedule
+from client_hook.training.signals import target_counts
+from client_hook.training.tensors import HostCopy
 
 log = logging.getLogger("layerwatch")
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
+PREFLIGHT_CLOSE_TIMEOUT_S = 5.0  # preflight's short-lived monitor waits this long for the server, then gives up
 
 _attached: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
 
@@ -112,6 +114,44 @@ def attach(
     )
     _attached[model] = mon
     return mon
+
+
+def preflight(
+    model: nn.Module,
+    batch: tuple[Any, Any],
+    loss_fn: Callable[..., torch.Tensor] = torch.nn.functional.cross_entropy,
+    optimizer: OptimizerArg = None,
+    steps: int = 100,
+    server: str | None = None,
+    run: str | None = None,
+) -> PreflightReport:
+    """Run the pre-training checks on copies of `model` and `batch`; return the report.
+
+    `batch` is `(x, y)`: the model is called as `model(x)` (`model(*x)` for a
+    tuple, `model(**x)` for a dict) and the loss as `loss_fn(output, y)`.
+    `optimizer` is a factory (`params -> Optimizer`), an optimizer instance (an
+    equivalent one of the same class and param-group hyperparameters is built
+    on the copy, parameters matched by name), or None for Adam(lr=1e-2).
+    A batch the model or loss cannot take raises ValueError naming the shapes.
+
+    With `server`/`run` (or a monitor already attached to the model) the findings
+    go to the server as one `findings` frame and show as alerts on the run's page;
+    that never raises because the server is away (the sender logs it).
+    """
+    report, order = run_checks(model, batch, loss_fn, optimizer, steps)
+    findings = [f.as_dict() for f in report.findings]
+    mon = _attached.get(model)
+    if mon is not None:
+        # The copy's forward order stands in for the first training forward not seen yet.
+        mon._record_findings(findings, order)
+    elif server is not None or run is not None:
+        shadow = attach(copy_model(model), server=server, run=run, every=1, close_timeout=PREFLIGHT_CLOSE_TIMEOUT_S)
+        try:
+            shadow._record_findings(findings, order)
+        finally:
+            shadow.close()
+        log.info("layerwatch: preflight findings (%d) sent to run %r at %s", len(findings), shadow.run, shadow.server)
+    return report
 
 
 class Monitor:
@@ -246,6 +286,11 @@ class Monitor:
                 config=config,
             )
         )
+
+    def _record_findings(self, findings: list[dict[str, Any]], forward_order: list[str]) -> None:
+        """Send preflight's findings as one frame (after run_start, which must reach the server first)."""
+        self._start(self._collector.forward_order or forward_order)
+        self._sender.submit(Frame("findings", 0, findings=findings))
 
     def _emit_sample(self, sample: Sample) -> None:
         self._start(self._collector.forward_order)

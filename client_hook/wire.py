@@ -32,7 +32,7 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 
-# Tensor statistics, in the order `client_hook.stats.tensor_stats` returns them.
+# Tensor statistics, in the order `client_hook.training.stats.tensor_stats` returns them.
 # mean/std/rms/norm/min/max are over the finite elements (std is the population
 # std); nonfinite counts NaN/±Inf; zero_frac is the fraction of exact zeros.
 STAT_FIELDS: tuple[str, ...] = ("mean", "std", "rms", "norm", "min", "max", "nonfinite", "zero_frac", "numel")
@@ -54,10 +54,10 @@ HIST_BINS = 32  # fixed bin count; edges are lo + (hi - lo) * i / HIST_BINS, i =
 
 # Adding a frame kind: the places that must know it (tests/test_layout.py fails when one does not):
 #   1. FRAME_KINDS below, and its fields in _REQUIRED and _OPTIONAL (validation, both sides);
-#   2. client_hook/spool.py DROP_ORDER: where it stands when the spool is full;
+#   2. client_hook/sending/spool.py DROP_ORDER: where it stands when the spool is full;
 #   3. server/store/writes.py `_ingest`: the rows it stores (an unstored kind raises there);
 #   4. server/diagnosis/history.py, if the rules read it; server/live.py, if dashboards hear it;
-#   5. the client code that sends it (client_hook/monitor.py or sender.py), and an example in
+#   5. the client code that sends it (client_hook/monitor.py or sending/sender.py), and an example in
 #      tests/reliability/badframes.py valid_frames (the fuzzers and the layout test use it);
 #   6. the protocol's docs: this module's docstring and README's "REST and websockets".
 FRAME_KINDS: tuple[str, ...] = (

@@ -27,7 +27,7 @@ __all__ = ["Monitor", "__version__", "attach", "preflight"]
 _LAZY = {
     "attach": ("client_hook.monitor", "attach"),
     "Monitor": ("client_hook.monitor", "Monitor"),
-    "preflight": ("client_hook.preflight", "preflight"),
+    "preflight": ("client_hook.monitor", "preflight"),
 }
 
 

@@ -145,8 +145,8 @@ def _seconds(text: str) -> float:
 def _upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from client_hook.spool import default_spool_dir
-    from client_hook.upload import UploadError, run_folders, upload_run
+    from client_hook.sending.spool import default_spool_dir
+    from client_hook.sending.upload import UploadError, run_folders, upload_run
 
     root = Path(args.path) if args.path else default_spool_dir()
     try:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from client_hook import monitor, stats
-from client_hook.spool import read_segment
+from client_hook import monitor
+from client_hook.sending.spool import read_segment
+from client_hook.training import stats
 from client_hook.wire import LAYER_STAT_COLUMNS
 from tests.training import train_step
 
@@ -50,7 +51,7 @@ def frames(mon: monitor.Monitor, kind: str, wait: float = 2.0) -> list[dict]:
     while time.monotonic() < deadline and mon._sender._queue:
         time.sleep(0.02)
     time.sleep(0.1)
-    held = list(mon._sender._pending.values())
+    held = list(mon._sender.pending.in_memory())
     for segment in sorted(mon._sender.spool_path.glob("*.jsonl")):
         held += read_segment(segment)[0]
     return [f for f in (json.loads(e.text) for e in sorted(held)) if f["kind"] == kind]

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from client_hook import monitor
 from client_hook.catalog import RULES
-from client_hook.preflight_report import Finding, PreflightReport
+from client_hook.preflight.report import Finding, PreflightReport
 from tests.serving import serve
 
 N, D, C = 32, 20, 10

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from client_hook import monitor
-from client_hook.sampling import EVERY_MAX, EVERY_MIN, EVERY_START, Schedule, choose_every
+from client_hook.training.sampling import EVERY_MAX, EVERY_MIN, EVERY_START, Schedule, choose_every
 from tests.test_monitor import NOWHERE, frames
 
 

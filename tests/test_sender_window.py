@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from client_hook import monitor
-from client_hook.sender import BATCH_WINDOW_S
+from client_hook.sending.sender import BATCH_WINDOW_S
 from tests.serving import serve
 
 

@@ -169,7 +169,7 @@ def test_a_sampled_step_reads_nothing_back_to_the_host_but_its_one_copy() -> Non
     (the CPU-only read of the output's sum in after_forward aside, which costs no sync there)."""
     from torch.overrides import TorchFunctionMode
 
-    from client_hook import tensors
+    from client_hook.training import tensors
 
     syncing = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero", "bincount", "unique"}
     calls: list[str] = []
@@ -295,7 +295,7 @@ def test_half_precision_sums_do_not_overflow_into_false_nonfinite_flags() -> Non
 def test_queued_cpu_signals_hold_no_tensor() -> None:
     """On the CPU a step's signals wait in the sender's queue as floats: small tensors kept alive
     for a sender window fragment the heap under the training's large buffers (CNN: +5% a step)."""
-    from client_hook.signals import SignalsItem
+    from client_hook.training.signals import SignalsItem
 
     torch.manual_seed(0)
     model = net()

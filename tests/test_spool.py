@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from client_hook import monitor, wire
-from client_hook.sender import envelope
-from client_hook.spool import Entry, Spool, encode, read_segment
+from client_hook.sending.spool import Entry, Spool, encode, read_segment
+from client_hook.sending.transport import envelope
 from tests.serving import free_port, serve
 from tests.training import train_step
 
@@ -211,7 +211,7 @@ def test_frames_spooled_while_the_server_is_down_are_delivered_once_it_starts(tm
     settled(mon)
     on_disk = [e for p in sorted((spool_dir / mon.run_id).glob("*.jsonl")) for e in read_segment(p)[0]]
     assert len(on_disk) > 50 and on_disk[0].seq == 0  # most of the run waits on disk, from its start
-    assert mon._sender._pending_bytes <= 8_000
+    assert mon._sender.pending.bytes <= 8_000
     with serve(tmp_path / "late.db", port):
         train(model, opt, mon, 10, seed=2)
         mon.close()
@@ -241,12 +241,12 @@ def test_host_memory_stays_under_its_cap_over_a_long_run_without_a_server(
         max_memory_bytes=cap,
     )
     sender = mon._sender
-    with Sampler(lambda: sender._pending_bytes) as memory:
+    with Sampler(lambda: sender.pending.bytes) as memory:
         train(model, opt, mon, 100, seed=3)
         settled(mon)
     assert memory.samples > 10 and 0 < memory.peak <= cap
-    held = list(sender._pending.values())
-    assert sender._pending_bytes == sum(e.size for e in held) == sum(len(e.text) + 1 for e in held)
+    held = list(sender.pending.in_memory())
+    assert sender.pending.bytes == sum(e.size for e in held) == sum(len(e.text) + 1 for e in held)
     dropped = mon.status()["dropped"]
     if spool_max_bytes:
         assert dropped == {} and dir_bytes(spool_dir) > cap  # the rest waits on disk
@@ -331,7 +331,7 @@ def test_close_with_the_server_away_returns_and_says_what_stays_on_disk(
 
 def test_the_default_spool_is_private_to_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No LAYERWATCH_SPOOL_DIR: the user's own cache folder, mode 0700, tightened if looser; never shared temp."""
-    from client_hook.spool import default_spool_dir
+    from client_hook.sending.spool import default_spool_dir
 
     monkeypatch.delenv("LAYERWATCH_SPOOL_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -1,4 +1,4 @@
-"""client_hook.stats against a brute-force reference in plain Python/numpy."""
+"""client_hook.training.stats against a brute-force reference in plain Python/numpy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client_hook import stats
+from client_hook.training import stats
 from client_hook.wire import HIST_BINS, STAT_FIELDS
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from client_hook import monitor
-from client_hook.spool import RUN_START_FILE
+from client_hook.sending.spool import RUN_START_FILE
 from tests.serving import free_port, serve
 from tests.test_spool import make, series, train
 

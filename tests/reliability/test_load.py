@@ -1,6 +1,6 @@
 """Load: 50 concurrent clients x 1000 steps into one real `layerwatch serve`; nothing lost or duplicated.
 
-Each client is the real `client_hook.sender.Sender` (its own thread, websocket,
+Each client is the real `client_hook.sending.sender.Sender` (its own thread, websocket,
 per-run seqs, batching and ack bookkeeping) fed the frames of a synthetic
 training (tests/reliability/frames.py): run_start, then per step scalars,
 signals and layer_stats, then run_end. The frames are made in the sender
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client_hook.sender import Frame, Sender
+from client_hook.sending.sender import Frame, Sender
 from tests.reliability import frames
 from tests.reliability.ledger import (
     count,

@@ -11,13 +11,14 @@ not make a ratio.
 
 from __future__ import annotations
 
+from client_hook import thresholds
 from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
 RULE_ID = "class_imbalance"
 
-RATIO_INFO = 10.0  # DIAGNOSTICS.md: majority / minority above this is worth knowing (info)
-RATIO_WARNING = 100.0  # DIAGNOSTICS.md: above this, a plain loss mostly learns the majority (warning)
+RATIO_INFO = thresholds.IMBALANCE_INFO  # majority / minority above this is worth knowing (shared with preflight)
+RATIO_WARNING = thresholds.IMBALANCE_WARNING  # above this, a plain loss mostly learns the majority
 MIN_MINORITY = 10  # samples of the rarest class before the ratio is trusted (about ±30% at 10)
 
 

@@ -11,14 +11,15 @@ not measured by the client, so they never trip this rule.
 
 from __future__ import annotations
 
+from client_hook import thresholds
 from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
 RULE_ID = "input_not_normalized"
 
-MEAN_MAX = 10.0  # |mean| above this: DIAGNOSTICS.md (UMLAUT/DeepDiagnosis use 1, too eager)
-STD_MAX = 10.0  # std above this: same source
-STD_MIN = 1e-3  # std below this: the batch is (nearly) constant, the model sees no signal
+MEAN_MAX = thresholds.INPUT_MEAN_MAX  # |mean| above this (shared with preflight, sourced there)
+STD_MAX = thresholds.INPUT_STD_MAX  # std above this
+STD_MIN = thresholds.INPUT_STD_MIN  # std below this: the batch is (nearly) constant, the model sees no signal
 SUSTAIN_STEPS = 5  # consecutive steps: one odd batch (an outlier, a padding batch) is not a habit
 
 

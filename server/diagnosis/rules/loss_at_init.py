@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 
+from client_hook import thresholds
 from layerwatch.server.diagnosis.view import RunView, fmt, param_descriptions
 from layerwatch.server.records import Finding
 
 RULE_ID = "loss_at_init"
 
-TOLERANCE = 0.5  # DIAGNOSTICS.md: |loss0 - ln C| > 0.5 * ln C
+TOLERANCE = thresholds.LOSS_AT_INIT_TOLERANCE  # |loss0 - ln C| > 0.5 * ln C, shared with preflight
 TOO_LOW = 0.0  # a cross-entropy is never <= 0 at init; small positive losses have innocent causes
 FIRST_STEPS = 3  # the loss must be logged within the first steps to be "at init"
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from client_hook import thresholds
 from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
 RULE_ID = "single_class_batch"
 
-MIN_BATCH = 8  # DIAGNOSTICS.md: batches smaller than this are single-class by chance too often
+MIN_BATCH = thresholds.SINGLE_CLASS_MIN_BATCH  # smaller batches are single-class by chance too often
 WINDOW = 20  # recent batches (of size >= MIN_BATCH) the share is taken over
 MIN_BATCHES = 10  # judge only once this many batches are in the window
 SINGLE_SHARE = 0.5  # DIAGNOSTICS.md: >= 50% of recent batches hold one class

@@ -9,39 +9,38 @@ device-to-host copy here, off the training thread), numbers them (per-run
 keeps every frame until the server acknowledges it, so a reconnect replays
 exactly what was not committed.
 
-While the server is away frames pile up: in memory up to `max_memory_bytes`
-(their encoded size) and `max_pending` frames, then the oldest go to a bounded
-on-disk spool (client_hook/spool.py), replayed first, in seq order, once the
-server is back. Past the spool's cap the oldest histograms go first, the loss
-last; every frame dropped is counted in `dropped` and reported to the server on
-heartbeats and on run_end. The server being absent, refusing or slow never
-reaches the training thread.
+While the server is away frames pile up in `pending.Pending` (memory up to its
+caps, then the bounded on-disk spool, replayed first once the server is back;
+past the spool's cap the oldest histograms go first, the loss last); every frame
+dropped is counted in `dropped` and reported to the server on heartbeats and on
+run_end. The server being absent, refusing or slow never reaches the training
+thread. The chain, one job each (as TensorBoard's writer): this file (the queue,
+numbering, heartbeats and the thread loop) -> `pending.py` (what waits for an
+ack: caps, spill, shed) -> `transport.py` (one websocket: send a batch, await
+its ack; shared with `layerwatch upload`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from client_hook import wire
-from client_hook.spool import DROP_ORDER, Entry, Spool, default_spool_dir, encode
+from client_hook.sending import transport
+from client_hook.sending.pending import Left, Pending
+from client_hook.sending.spool import Entry, Spool, default_spool_dir, encode
 
 log = logging.getLogger("layerwatch")
 
-BATCH_MAX_FRAMES = 256  # frames per websocket message: one server transaction each
-BATCH_MAX_BYTES = wire.MAX_MESSAGE_BYTES // 4  # well under the server's message limit
 BATCH_WINDOW_S = 0.05  # gather frames this long before sending, unless a batch is full
 ACK_TIMEOUT_S = 10.0  # no ack by then: the connection is treated as broken and replayed
-RECV_POLL_S = 0.25  # waiting for an ack, look this often whether close() gave up on us
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.25, 5.0
 DEFAULT_MEMORY_BYTES = 64 * 2**20  # encoded frames held in memory before the oldest go to disk
 DEFAULT_SPOOL_BYTES = 512 * 2**20  # on-disk cap per run; 0 disables the spool
@@ -69,15 +68,6 @@ class Frame:
         return [(self.kind, self.step, self.fields)]
 
 
-def ingest_url(server: str) -> str:
-    """http(s)://host:port[/prefix] -> ws(s)://host:port[/prefix]/ws/ingest."""
-    parts = urlsplit(server if "://" in server else f"http://{server}")
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ValueError(f"server must be an http(s):// or ws(s):// URL, but got {server!r}")
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/ingest", "", ""))
-
-
 def check_limits(**limits: Any) -> None:
     """ValueError naming the bad value for any of the Sender's size and time limits given."""
     for name, value in limits.items():
@@ -88,32 +78,6 @@ def check_limits(**limits: Any) -> None:
         low = 0 if name == "spool_max_bytes" else 1  # 0 bytes of spool: no spool
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, but got {value!r}")
-
-
-def open_ingest(url: str, token: str | None) -> Any:
-    """A plain synchronous websocket to `url` (an /ws/ingest URL), the token as a Bearer header."""
-    import inspect
-
-    from websockets.sync.client import connect  # imported here: only the sender thread needs it
-
-    # websockets >= 16 wants `legacy=True` to return a plain connection (no auto-reconnect:
-    # replay after reconnect is ours, driven by acks).
-    legacy = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
-    return connect(
-        url,
-        additional_headers={"Authorization": f"Bearer {token}"} if token else None,
-        open_timeout=2,
-        close_timeout=1,
-        compression=None,  # frames are small and the CPU is the training's
-        max_size=wire.MAX_MESSAGE_BYTES,
-        proxy=None,
-        **legacy,
-    )
-
-
-def envelope(entries: list[Entry]) -> str:
-    """`json.dumps(wire.batch(frames))` built from frames already encoded: no second encoding."""
-    return f'{{"protocol": {wire.PROTOCOL_VERSION}, "frames": [{", ".join(e.text for e in entries)}]}}'
 
 
 class Sender:
@@ -140,18 +104,14 @@ class Sender:
             spool_max_bytes=spool_max_bytes,
             heartbeat_s=heartbeat_s,
         )
-        self.url = ingest_url(server)
+        self.url = transport.ingest_url(server)
         self.run_id = run_id
         self._token = token
         self._on_alert = on_alert
         self._queue: deque[Item] = deque()
         self._last_drain = 0.0  # time.monotonic() of the latest drain
         self._max_queue = max_queue
-        self._max_pending = max_pending
-        self._max_memory_bytes = max_memory_bytes
         self._seq = itertools.count()
-        self._pending: OrderedDict[int, Entry] = OrderedDict()  # seq -> encoded frame, in memory until acked
-        self._pending_bytes = 0
         if spool_dir is None and spool_max_bytes:
             try:
                 spool_dir = default_spool_dir()
@@ -160,7 +120,11 @@ class Sender:
                 spool_max_bytes = 0
         # Where this run's frames go on disk (None: no spool, memory only).
         self.spool_path = Path(spool_dir) / run_id if spool_dir is not None else None
-        self._spool = Spool(self.spool_path, spool_max_bytes, self._count_drops) if spool_max_bytes else None
+        spool = Spool(self.spool_path, spool_max_bytes, self._count_drops) if spool_max_bytes else None
+        # What waits for an ack: memory up to the caps, then the spool, then shed.
+        self.pending = Pending(
+            max_frames=max_pending, max_memory_bytes=max_memory_bytes, spool=spool, on_drop=self._count_drops
+        )
         self._run_start: Entry | None = None  # re-sent first on every connection
         self._latest_step = 0
         self._heartbeat_s = float(heartbeat_s)
@@ -170,7 +134,7 @@ class Sender:
         self._ws: Any = None
         self._closing = threading.Event()
         self._abandon = threading.Event()  # close() stopped waiting: keep what is left on disk and stop
-        self._left: tuple[int, tuple[int, int] | None, bool] | None = None  # set by the thread when abandoning
+        self._left: Left | None = None  # set by the thread when it stops
         self._lock = threading.Lock()  # guards the counters read by close() and status()
         self.acked = 0
         self.dropped: dict[str, int] = {}
@@ -207,13 +171,8 @@ class Sender:
         if self._left is not None:
             left, steps, on_disk = self._left
         else:  # the thread is stuck (a hanging connect): what it holds, read without it
-            entries = _snapshot(self._pending)
-            spooled = self._spool.frames if self._spool is not None else 0
-            left = len(self._queue) + len(entries) + spooled
-            spool_steps = self._spool.steps() if self._spool is not None and spooled else None
-            all_steps = [e.step for e in entries] + (list(spool_steps) if spool_steps else [])
-            steps = (min(all_steps), max(all_steps)) if all_steps else None
-            on_disk = bool(spooled)
+            left, steps, on_disk = self.pending.left()
+            left += len(self._queue)
         if left:
             where = f" (steps {steps[0]}..{steps[1]})" if steps else ""
             fate = f"they stay in the spool directory at {self.spool_path}" if on_disk else "they are lost"
@@ -265,7 +224,7 @@ class Sender:
                 time.sleep(0.05)  # waiting for a server (or a heartbeat's turn) while close() waits for us
 
     def _unsent(self) -> bool:
-        return bool(self._pending) or (self._spool is not None and self._spool.frames > 0)
+        return self.pending.unsent()
 
     def _delivered(self) -> bool:
         """Everything numbered is acknowledged and the server knows the latest drop counts."""
@@ -274,19 +233,19 @@ class Sender:
         return not self._queue and not self._unsent() and drops_known
 
     def _drain(self, window: float) -> bool:
-        """Move queued items into `_pending` as numbered, encoded frames; True if any came.
+        """Move queued items into `pending` as numbered, encoded frames; True if any came.
 
         With a `window`, items are gathered until `window` s after the previous drain
         (or a full batch): at 1000 steps/s one batch per window, not one per ack round
         trip, each of which costs both sides ~50 us of CPU that training competes for.
         """
-        if window > 0 and len(self._queue) < BATCH_MAX_FRAMES:
+        if window > 0 and len(self._queue) < transport.BATCH_MAX_FRAMES:
             wait = window if not self._queue else self._last_drain + window - time.monotonic()
             if wait > 0:
                 self._closing.wait(wait)  # a poll, woken early only by close()
         self._last_drain = time.monotonic()
         items = []
-        while self._queue and len(items) < BATCH_MAX_FRAMES:
+        while self._queue and len(items) < transport.BATCH_MAX_FRAMES:
             items.append(self._queue.popleft())
         if not items:
             return False
@@ -315,19 +274,10 @@ class Sender:
         entry = encode(wire.frame(kind, run_id=self.run_id, seq=seq, step=step, **fields))
         if kind == "run_start":
             self._run_start = entry
-            if self._spool is not None:
-                self._spool.run_start = entry
+            if self.pending.spool is not None:
+                self.pending.spool.run_start = entry
         self._latest_step = max(self._latest_step, step)
-        self._hold(entry)
-
-    def _hold(self, entry: Entry) -> None:
-        """Keep `entry` in memory; if it would not fit, make room first, so the caps hold at every moment."""
-        if self._pending_bytes + entry.size > self._max_memory_bytes or len(self._pending) + 1 > self._max_pending:
-            if not self._spill(entry):
-                self._shed(entry)
-            return
-        self._pending[entry.seq] = entry
-        self._pending_bytes += entry.size
+        self.pending.hold(entry)
 
     def _with_drops(self, fields: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -347,94 +297,15 @@ class Sender:
             self._next_heartbeat = now + self._heartbeat_s
             self._number("heartbeat", self._latest_step, self._with_drops({"time": time.time()}))
 
-    def _spill(self, incoming: Entry) -> bool:
-        """Move the oldest frames (`incoming` counts as the newest) to the spool, down to half the caps.
-
-        Half, not just under: fewer, larger writes while the server stays away.
-        False, with nothing changed, when there is no spool to write to.
-        """
-        if self._spool is None or not self._spool.writable:
-            return False
-        spill, size, count = [], self._pending_bytes + incoming.size, len(self._pending) + 1
-        for entry in itertools.chain(self._pending.values(), [incoming]):
-            if size <= self._max_memory_bytes // 2 and count <= self._max_pending // 2:
-                break
-            spill.append(entry)
-            size -= entry.size
-            count -= 1
-        try:
-            self._spool.append(spill)
-        except OSError as exc:
-            log.warning(
-                "layerwatch: cannot write the spool at %s (%s); frames beyond memory are dropped", self.spool_path, exc
-            )
-            return False
-        with self._lock:
-            for entry in spill:
-                if self._pending.pop(entry.seq, None) is not None:
-                    self._pending_bytes -= entry.size
-            if not spill or spill[-1] is not incoming:
-                self._pending[incoming.seq] = incoming
-                self._pending_bytes += incoming.size
-        return True
-
-    def _shed(self, incoming: Entry) -> None:
-        """Without a spool: drop the oldest frames, cheapest class first (`incoming` the newest), to 3/4 of the caps."""
-        # Down to 3/4, not just under: each pass walks the whole buffer once per class.
-        max_bytes, max_frames = self._max_memory_bytes * 3 // 4, self._max_pending * 3 // 4
-        size, count, keep_incoming = self._pending_bytes + incoming.size, len(self._pending) + 1, True
-        dropped: dict[str, int] = {}
-        for cls in DROP_ORDER:
-            victims = [e for e in self._pending.values() if e.cls == cls] + ([incoming] if incoming.cls == cls else [])
-            for entry in victims:
-                if size <= max_bytes and count <= max_frames:
-                    break
-                if entry is incoming:
-                    keep_incoming = False
-                else:
-                    del self._pending[entry.seq]
-                    self._pending_bytes -= entry.size
-                size -= entry.size
-                count -= 1
-                dropped[cls] = dropped.get(cls, 0) + 1
-        if keep_incoming:
-            self._pending[incoming.seq] = incoming
-            self._pending_bytes += incoming.size
-        if dropped:
-            self._count_drops(dropped, f"memory is full ({self._max_memory_bytes} bytes) and there is no spool")
-
     def _send_next(self) -> None:
-        """Send one batch, the spool's oldest frames first, and settle what the server acknowledged."""
-        from_spool = self._spool is not None and self._spool.frames > 0
-        if from_spool:
-            entries = self._spool.peek(BATCH_MAX_FRAMES, BATCH_MAX_BYTES)
-            from_spool = bool(entries)
-        if not from_spool:
-            entries, size = [], 0
-            for entry in itertools.islice(self._pending.values(), BATCH_MAX_FRAMES):
-                if entries and size + entry.size > BATCH_MAX_BYTES:
-                    break
-                entries.append(entry)
-                size += entry.size
+        """Send one batch, the oldest frames first, and settle what the server acknowledged."""
+        entries = self.pending.next_batch()
         if entries:
             self._send_batch(entries)
 
-    def _settle(self, seqs: list[int]) -> int:
-        """Forget acknowledged (or rejected) frames wherever they are held; how many there were."""
-        settled = 0
-        with self._lock:
-            for seq in seqs:
-                entry = self._pending.pop(seq, None)
-                if entry is not None:
-                    self._pending_bytes -= entry.size
-                    settled += 1
-        if self._spool is not None:
-            settled += self._spool.ack(seqs)
-        return settled
-
     def _connect(self) -> bool:
         try:
-            self._ws = open_ingest(self.url, self._token)
+            self._ws = transport.open_ingest(self.url, self._token)
         except Exception as exc:
             self._warn_once(
                 "connect", "layerwatch: server %s not reachable (%s); training goes on, data is kept", self.url, exc
@@ -456,42 +327,31 @@ class Sender:
 
     def _send_batch(self, entries: list[Entry]) -> None:
         """Send one batch and wait for its ack (or rejection); raises when the connection fails."""
-        self._ws.send(envelope(entries))
-        deadline = time.monotonic() + ACK_TIMEOUT_S
-        while True:
-            if self._abandon.is_set():
-                raise ConnectionAbortedError("close() stopped waiting")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no ack within {ACK_TIMEOUT_S} s")
-            try:
-                message = json.loads(self._ws.recv(timeout=min(RECV_POLL_S, remaining)))
-            except TimeoutError:
-                continue
-            kind = message.get("kind")
-            if kind == "ack":
-                settled = self._settle(message.get("seqs", {}).get(self.run_id, []))
-                with self._lock:
-                    self.acked += settled
-                return
-            if kind == "alert":
-                self._alert(message.get("alert") or {})
-                continue
-            if kind == "error":
-                # The server refused this batch (a schema or version mismatch): resending
-                # it would fail forever, so it is dropped and said once.
-                self._warn_once(
-                    f"error:{message.get('error')}", "layerwatch: server rejected data: %s", message.get("error")
-                )
-                self._settle([e.seq for e in entries])
-                self._count_drop("rejected", len(entries))
-                raise ConnectionError(f"server rejected a batch: {message.get('error')}")
-            self._warn_once(f"kind:{kind}", "layerwatch: ignoring a server message of kind %r", kind)
+        try:
+            acked = transport.send_batch(
+                self._ws,
+                entries,
+                self.run_id,
+                timeout=ACK_TIMEOUT_S,
+                on_alert=self._alert,
+                stop=self._abandon.is_set,
+                on_other=lambda kind: self._warn_once(
+                    f"kind:{kind}", "layerwatch: ignoring a server message of kind %r", kind
+                ),
+            )
+        except transport.Rejected as exc:
+            # Resending it would fail forever, so the batch is dropped and said once.
+            self._warn_once(f"error:{exc}", "layerwatch: server rejected data: %s", exc)
+            self.pending.settle([e.seq for e in entries])
+            self._count_drop("rejected", len(entries))
+            raise
+        settled = self.pending.settle(acked)
+        with self._lock:
+            self.acked += settled
 
     def _finish(self) -> None:
         """Everything was delivered: the spool directory goes, and so does the connection."""
-        if self._spool is not None:
-            self._spool.remove()
+        self.pending.remove_spool()
         self._left = (0, None, False)
 
     def _keep_on_disk(self) -> None:
@@ -499,18 +359,9 @@ class Sender:
         try:
             while self._queue:
                 self._drain(0.0)
-            if self._spool is not None and self._spool.writable and self._pending:
-                self._spool.append(list(self._pending.values()))
-                self._pending.clear()
-                self._pending_bytes = 0
-        except Exception as exc:  # the disk failed too: what memory holds is lost with the process
-            log.warning("layerwatch: could not write the undelivered frames to %s (%s)", self.spool_path, exc)
-        spooled = self._spool.frames if self._spool is not None else 0
-        spans = [(e.step, e.step) for e in self._pending.values()]
-        if spooled and self._spool is not None and self._spool.steps() is not None:
-            spans.append(self._spool.steps())
-        steps = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
-        self._left = (len(self._pending) + spooled, steps, spooled > 0)
+        except Exception as exc:
+            log.warning("layerwatch: could not encode the frames still queued (%s)", exc)
+        self._left = self.pending.keep_on_disk()
 
     def _alert(self, alert: dict[str, Any]) -> None:
         key = (str(alert.get("rule")), alert.get("layer"), str(alert.get("severity")))
@@ -558,13 +409,3 @@ class Sender:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg, *args)
-
-
-def _snapshot(pending: OrderedDict[int, Entry]) -> list[Entry]:
-    """The entries of a buffer another thread may be changing: a retry or two, then whatever is known."""
-    for _ in range(3):
-        try:
-            return list(pending.values())
-        except RuntimeError:  # changed during iteration
-            time.sleep(0.01)
-    return []

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from client_hook import stats
-from client_hook.tensors import HostCopy, first_float_tensor
+from client_hook.training import stats
+from client_hook.training.tensors import HostCopy, first_float_tensor
 
 FINGERPRINT_ELEMENTS = 256  # strided input elements read for mean, std (error ~1/16 of std) and the fingerprint
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module

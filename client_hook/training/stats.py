@@ -3,7 +3,7 @@
 Everything here runs on the tensor's own device and never copies to the host
 (no `.item()`, no Python-side shapes that depend on values), so a whole sample
 of many tensors can be stacked and copied to the host once, in
-`client_hook.collector`. A summary row is, in this order,
+`client_hook.training.collector`. A summary row is, in this order,
 
     STAT_FIELDS (wire.py) | lo, hi | HIST_BINS counts
 

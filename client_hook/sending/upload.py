@@ -1,7 +1,7 @@
 """`layerwatch upload`: deliver what a finished training left in its spool.
 
 When `close()` gives up waiting for a server that is away, the frames it could
-not deliver stay on disk (`<spool_dir>/<run_id>/`, see client_hook/spool.py).
+not deliver stay on disk (`<spool_dir>/<run_id>/`, see client_hook/sending/spool.py).
 This sends them later, exactly as the sender would have: the run's `run_start`
 first (kept beside the segments), then every frame in `seq` order, in batches,
 each acknowledged before the next. The server stores each (run, seq) once, so
@@ -9,7 +9,7 @@ an upload that is cut off can simply be run again. A run's folder is deleted
 only when every frame in it was acknowledged.
 
 Torch-free (the `layerwatch` command runs without torch): only the spool
-reader, the wire schema and the websocket client.
+reader, the wire schema and the transport (the sender thread's own send-and-await-ack).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from client_hook.sender import BATCH_MAX_BYTES, BATCH_MAX_FRAMES, envelope, ingest_url, open_ingest
-from client_hook.spool import RUN_START_FILE, SUFFIX, Entry, read_segment
+from client_hook.sending import transport
+from client_hook.sending.spool import RUN_START_FILE, SUFFIX, Entry, read_segment
 
 ACK_TIMEOUT_S = 60.0  # a large batch on a busy server; no ack by then is a failure
 
@@ -78,13 +78,13 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
     if len(run_ids) != 1:
         raise UploadError(f"{str(directory)!r} mixes frames of several runs: {sorted(run_ids)}")
     run_id = run_ids.pop()
-    url = ingest_url(server)
+    url = transport.ingest_url(server)
     try:
-        ws = open_ingest(url, token)
+        ws = transport.open_ingest(url, token)
     except Exception as exc:
         raise UploadError(f"cannot reach {url} ({exc}); the frames stay in {str(directory)!r}") from None
     try:
-        for batch in _batches(entries):
+        for batch in transport.batches(entries):
             _deliver(ws, batch, run_id, url)
     finally:
         ws.close()
@@ -98,32 +98,16 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
     return Uploaded(run_id, directory, len(entries), (min(steps), max(steps)), skipped)
 
 
-def _batches(entries: list[Entry]) -> list[list[Entry]]:
-    batches: list[list[Entry]] = []
-    size = 0
-    for entry in entries:
-        if not batches or len(batches[-1]) >= BATCH_MAX_FRAMES or size + entry.size > BATCH_MAX_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(entry)
-        size += entry.size
-    return batches
-
-
 def _deliver(ws: object, batch: list[Entry], run_id: str, url: str) -> None:
     """Send one batch; return once every frame of it is acknowledged (alerts on the way are skipped)."""
-    ws.send(envelope(batch))
-    while True:
-        try:
-            message = json.loads(ws.recv(timeout=ACK_TIMEOUT_S))
-        except TimeoutError:
-            raise UploadError(f"{url} sent no ack for run {run_id!r} within {ACK_TIMEOUT_S:g} s") from None
-        except Exception as exc:
-            raise UploadError(f"the connection to {url} failed while sending run {run_id!r} ({exc})") from None
-        if message.get("kind") == "error":
-            raise UploadError(f"{url} refused run {run_id!r}: {message.get('error')}")
-        if message.get("kind") == "ack":
-            missing = {e.seq for e in batch} - set(message.get("seqs", {}).get(run_id, []))
-            if missing:
-                raise UploadError(f"{url} did not acknowledge {len(missing)} frame(s) of run {run_id!r}")
-            return
+    try:
+        acked = transport.send_batch(ws, batch, run_id, timeout=ACK_TIMEOUT_S)
+    except TimeoutError:
+        raise UploadError(f"{url} sent no ack for run {run_id!r} within {ACK_TIMEOUT_S:g} s") from None
+    except transport.Rejected as exc:
+        raise UploadError(f"{url} refused run {run_id!r}: {exc}") from None
+    except Exception as exc:
+        raise UploadError(f"the connection to {url} failed while sending run {run_id!r} ({exc})") from None
+    missing = {e.seq for e in batch} - set(acked)
+    if missing:
+        raise UploadError(f"{url} did not acknowledge {len(missing)} frame(s) of run {run_id!r}")

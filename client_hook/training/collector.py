@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from client_hook import stats
-from client_hook.model_info import param_owners
-from client_hook.sampling import Schedule
-from client_hook.signals import StepSignals
-from client_hook.tensors import HostCopy, first_float_tensor
+from client_hook.training import stats
+from client_hook.training.model_info import param_owners
+from client_hook.training.sampling import Schedule
+from client_hook.training.signals import StepSignals
+from client_hook.training.tensors import HostCopy, first_float_tensor
 from client_hook.wire import ACTIVATION_PARAM
 
 log = logging.getLogger("layerwatch")

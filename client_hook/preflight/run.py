@@ -1,4 +1,4 @@
-"""`monitor.preflight`: the checklist's "before you train" tests, in one call, on a copy.
+"""The checklist's "before you train" tests, run on copies: what `monitor.preflight` calls.
 
     report = monitor.preflight(model, batch=(x, y), loss_fn=F.cross_entropy)
     print(report); report.ok; report.findings
@@ -8,13 +8,14 @@ Training Neural Networks"; "37 reasons why your neural network is not
 working"): check the batch, check the loss at init against ln C, make sure
 every weight gets a gradient and moves after one step, make sure samples do not
 mix across the batch, overfit one batch. The checks themselves are in
-`preflight_checks.py`; this file makes them harmless: everything runs on deep
+`checks.py`; this file makes them harmless: everything runs on deep
 copies of the model and of the batch, on the model's own device, with the RNG
 state (torch CPU/CUDA, `random`, numpy) saved and restored, so the user's
 model, optimizer, data and random streams are exactly as they were.
 
-With `server`/`run` (or a monitor already attached to the model) the findings
-go to the server as one `findings` frame and show as alerts on the run's page.
+Nothing here talks to a server: `client_hook.monitor.preflight` runs these
+checks, then hands the findings to the model's monitor (or a short-lived one),
+so this package never imports the monitor.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from client_hook import preflight_checks as checks
-from client_hook.preflight_report import Finding, PreflightReport
-from client_hook.sender import Frame
-from client_hook.tensors import first_float_tensor
+from client_hook.preflight import checks
+from client_hook.preflight.report import Finding, PreflightReport
+from client_hook.training.tensors import first_float_tensor
 
-__all__ = ["preflight", "PreflightReport", "Finding"]
+__all__ = ["run_checks", "copy_model", "PreflightReport", "Finding"]
 
 log = logging.getLogger("layerwatch")
 
@@ -47,22 +47,19 @@ log = logging.getLogger("layerwatch")
 DEFAULT_LR = 1e-2
 PREFLIGHT_SEED = 0  # seeds the copies' RNG: the same model and batch give the same report
 MIXING_SAMPLES = 2  # batch_mixing looks at the first and the last sample of the batch
-SEND_CLOSE_TIMEOUT_S = 5.0  # a short-lived monitor waits this long for the server, then gives up
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 OptimizerArg = Callable[[Any], torch.optim.Optimizer] | torch.optim.Optimizer | None
 
 
-def preflight(
+def run_checks(
     model: nn.Module,
     batch: tuple[Any, Any],
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     optimizer: OptimizerArg = None,
     steps: int = 100,
-    server: str | None = None,
-    run: str | None = None,
-) -> PreflightReport:
-    """Run the pre-training checks on copies of `model` and `batch`; return the report.
+) -> tuple[PreflightReport, list[str]]:
+    """Run the pre-training checks on copies of `model` and `batch`: the report, and the copy's forward order.
 
     `batch` is `(x, y)`: the model is called as `model(x)` (`model(*x)` for a
     tuple, `model(**x)` for a dict) and the loss as `loss_fn(output, y)`.
@@ -86,8 +83,7 @@ def preflight(
     report = PreflightReport()
     with _isolated_rng(device):
         order = _run(report, model, batch, loss_fn, optimizer, steps, device)
-    _send(model, report, order, server=server, run=run)
-    return report
+    return report, order
 
 
 # ------------------------------------------------------------------ the run
@@ -107,7 +103,7 @@ def _run(
     checks.check_input(report, first_float_tensor(x))
     checks.check_targets(report, y)
 
-    work = _copy_model(model).train()
+    work = copy_model(model).train()
     names = {m: name for name, m in work.named_modules()}
     with _watch(work, names) as seen:
         out, loss = _forward(work, x, y, loss_fn)
@@ -159,7 +155,7 @@ def _run(
 
 def _check_mixing(report: PreflightReport, model: nn.Module, x: Any) -> None:
     """batch_mixing: gradients of sample i's output w.r.t. the inputs of the other samples, in eval mode."""
-    probe = _copy_model(model).eval()  # eval: BatchNorm uses running stats, dropout is off
+    probe = copy_model(model).eval()  # eval: BatchNorm uses running stats, dropout is off
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules())
     x = _copy_to(x, _device(probe))
     x0 = first_float_tensor(x)
@@ -219,7 +215,7 @@ def _copy_to(value: Any, device: torch.device) -> Any:
     return copy.deepcopy(value)
 
 
-def _copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy without layerwatch's own hooks (a monitor attached to `model` must not see the copy run)."""
     ours = [
         fn
@@ -437,32 +433,3 @@ def _isolated_rng(device: torch.device) -> Iterator[None]:
         random.setstate(py)
         if np is not None:
             np.random.set_state(np_state)
-
-
-# ------------------------------------------------------------------ to the server
-
-
-def _send(model: nn.Module, report: PreflightReport, order: list[str], *, server: str | None, run: str | None) -> None:
-    """Store the findings with the run: via the model's attached monitor, or a short-lived one on a copy.
-
-    Never raises because the server is away (the monitor's sender logs it).
-    """
-    from client_hook import monitor  # here, not at the top: monitor imports this module
-
-    findings = [f.as_dict() for f in report.findings]
-    mon = monitor._attached.get(model)
-    if mon is not None:
-        # run_start must reach the server first; the copy's forward order stands in
-        # for the first training forward the monitor has not seen yet.
-        mon._start(mon._collector.forward_order or order)
-        mon._sender.submit(Frame("findings", 0, findings=findings))
-        return
-    if server is None and run is None:
-        return
-    shadow = monitor.attach(_copy_model(model), server=server, run=run, every=1, close_timeout=SEND_CLOSE_TIMEOUT_S)
-    try:
-        shadow._start(order)
-        shadow._sender.submit(Frame("findings", 0, findings=findings))
-    finally:
-        shadow.close()
-    log.info("layerwatch: preflight findings (%d) sent to run %r at %s", len(findings), shadow.run, shadow.server)

@@ -14,24 +14,23 @@ from typing import Any
 
 import torch
 
-from client_hook.preflight_report import PreflightReport, finding
+from client_hook.preflight.report import PreflightReport, finding
+from client_hook.thresholds import (  # shared with the live rules of the same ids
+    IMBALANCE_INFO,
+    IMBALANCE_WARNING,
+    INPUT_MEAN_MAX,
+    INPUT_STD_MAX,
+    INPUT_STD_MIN,
+    LOSS_AT_INIT_TOLERANCE,
+    SINGLE_CLASS_MIN_BATCH,
+)
 
-# loss_at_init: |loss0 - ln C| > LOSS_AT_INIT_TOLERANCE * ln C. "37 reasons": the
-# expected initial loss is -ln(1/C); Karpathy's recipe: "verify loss @ init".
-LOSS_AT_INIT_TOLERANCE = 0.5
 # overfit_one_batch_failed: the loss must fall below this fraction of its initial
 # value (above the loss's floor, e.g. label smoothing's entropy) within `steps`.
 # Karpathy, "A Recipe for Training Neural Networks": overfit one batch, reach ~0.
 OVERFIT_FRACTION = 0.1
 # softmax_before_loss: rows count as (log-)probabilities when they sum to 1 this closely.
 PROB_SUM_ATOL = 1e-3
-# input_not_normalized, as the live rule: |mean| > 10 or std > 10 or std < 1e-3.
-# "37 reasons": normalize features; UMLAUT/DeepDiagnosis use [-1, 1], too eager for standardized data.
-INPUT_MEAN_MAX, INPUT_STD_MAX, INPUT_STD_MIN = 10.0, 10.0, 1e-3
-# single_class_batch: a batch of at least this many targets holding one class ("37 reasons": shuffle).
-SINGLE_CLASS_MIN_BATCH = 8
-# class_imbalance: majority/minority count in the batch; info above 10, warning above 100.
-IMBALANCE_INFO, IMBALANCE_WARNING = 10.0, 100.0
 
 
 def _fmt(x: float) -> str:
