@@ -3,8 +3,8 @@
 The one place a finding becomes an alert that webhooks hear of: the diagnosis engine, the
 ingest of a client's preflight findings and `layerwatch diagnose --store` all call
 `raise_alert`. Storage writes the row (`store.upsert_alert`), the outbox queues the
-deliveries (`webhooks.outbox.enqueue`, which sends only a new or escalated alert); neither
-imports the other, and both commit with the data that raised the alert.
+deliveries (`webhooks.outbox.enqueue`, which sends only a new or escalated alert); storage
+never imports the outbox, and both commit with the data that raised the alert.
 """
 
 from __future__ import annotations

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from layerwatch.server import rollup
-from layerwatch.server.tables import Base, Run
+from layerwatch.server.jsonvalues import json_text
+from layerwatch.server.store import rollup
+from layerwatch.server.tables import Base
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +39,11 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.close()
 
 
-def _json_text(value: Any) -> Any:
-    """`value` with each non-finite float as the string "NaN", "Infinity" or "-Infinity"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _json_text(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_text(v) for v in value]
-    return value
-
-
 def dump_json(value: Any) -> str:
     """JSON columns' serializer on every backend: strict JSON, since PostgreSQL's json type
     rejects the bare NaN/Infinity tokens Python writes. A NaN in a run's config or a
     finding's evidence is data; it reads back as the string "NaN"."""
-    return json.dumps(_json_text(value), allow_nan=False)
+    return json.dumps(json_text(value), allow_nan=False)
 
 
 def make_engine(db_url: str) -> Engine:
@@ -114,7 +103,7 @@ def _fill_missing_rollups(engine: Engine) -> None:
     them, once (about 3 s per million stored rows on 2 cores), or one whose filling was cut
     short. A run has them when each rolled-up table it has complete buckets in has rollup rows."""
     with Session(engine) as session:
-        missing = [run_id for run_id in session.scalars(select(Run.id)) if rollup.missing(session, run_id=run_id)]
+        missing = rollup.runs_missing_rollups(session)
         if not missing:
             return
         log.info("filling the step rollups of %d stored runs (once, for runs stored before them)", len(missing))

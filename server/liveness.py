@@ -5,7 +5,8 @@ heartbeat every `wire.HEARTBEAT_S` seconds even while training is quiet, so a
 `running` run whose `updated_at` is older than the timeout has lost its
 process (killed, out of memory, a machine gone). `Sweeper` checks every few
 seconds in the server's lifespan and tells open dashboards over the live hub.
-A run that sends again is `running` again (server/store.py does that).
+A run that sends again is `running` again (server/store/writes.py does that).
+The marking itself is `store.mark_crashed`; this module decides when to look and who to tell.
 
 A server that has only just started has not been able to hear anyone: runs
 are judged only once it has listened for a whole timeout itself, so a server
@@ -21,12 +22,10 @@ import logging
 import threading
 import time
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from layerwatch.server import store
 from layerwatch.server.live import LiveHub, run_event
-from layerwatch.server.tables import Run
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,6 @@ def stale_before(*, now: float, timeout_s: float, listening_since: float) -> flo
     if now - listening_since < timeout_s:
         return None
     return now - timeout_s
-
-
-def mark_crashed(session: Session, *, before: float) -> list[str]:
-    """Mark `running` runs last updated before `before` as `crashed`; commit; return their ids.
-
-    Call it holding the ingest write lock, so that no batch of those runs commits in between.
-    """
-    stale = (Run.status == "running") & (Run.updated_at < before)
-    run_ids = list(session.scalars(select(Run.id).where(stale)))
-    if run_ids:
-        # The condition again: on a database shared by several servers, another may have just stored a frame.
-        session.execute(update(Run).where(stale, Run.id.in_(run_ids)).values(status="crashed"))
-        session.commit()
-    return run_ids
 
 
 class Sweeper:
@@ -110,7 +95,7 @@ class Sweeper:
         if before is None:
             return []
         with self.write_lock, self.sessions() as session:
-            run_ids = mark_crashed(session, before=before)
+            run_ids = store.mark_crashed(session, before=before)
         if not run_ids:
             return []
         for run_id in run_ids:

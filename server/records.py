@@ -51,6 +51,17 @@ class RunInfo:
 
 
 @dataclass
+class StoredRun:
+    """A stored run as a replay starts it: how it describes itself, its status, and how far it got."""
+
+    model: dict[str, Any] | None
+    optimizer: dict[str, Any] | None
+    config: dict[str, Any] | None
+    status: str
+    last_step: int  # the newest step with a scalar or signal stored, or the run's own last step; -1: none
+
+
+@dataclass
 class Finding:
     """One rule's verdict at one step: what an alert row is made from and updated by."""
 

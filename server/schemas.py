@@ -1,29 +1,18 @@
 """The JSON shapes the server sends: REST response models and live-push events.
 
 Suffixes say the direction (`RunPublic` goes out). Every float that leaves the
-server passes `json_safe`/`Finite`: NaN and ±Infinity become null, because a
+server passes `json_safe`/`Finite` (server/jsonvalues.py): NaN and ±Infinity become null, because a
 browser's JSON.parse rejects them (a NaN loss is data to show, not a reason
 for the dashboard to break).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
-
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float, however deeply nested, replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
+from layerwatch.server.jsonvalues import json_safe
 
 Finite = Annotated[float | None, BeforeValidator(json_safe)]
 FiniteList = Annotated[list[float | None], BeforeValidator(json_safe)]

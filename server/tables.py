@@ -160,9 +160,9 @@ class Histogram(Base):
 
 # ---------------------------------------------------------------- rollups
 # One row summarizes one series over one bucket of `level` steps (bucket b holds steps
-# [b * level, (b + 1) * level)), for the fixed levels of `server.rollup.LEVELS`. Rows are
+# [b * level, (b + 1) * level)), for the fixed levels of `server.store.rollup.LEVELS`. Rows are
 # written at ingest once a bucket is complete and rewritten if a late or re-sent value
-# lands in it; see server/rollup.py. The key is (run, level, bucket, series): ingest
+# lands in it; see server/store/rollup.py. The key is (run, level, bucket, series): ingest
 # and the heatmap read bucket ranges of every series; an index serves one series' reads.
 
 

@@ -1,5 +1,5 @@
-"""The layout's promises, checked: no import circles, one definition per word, every frame kind known
-everywhere it must be, the dashboard's words generated from the wire schema.
+"""The layout's promises, checked: no import circles, all SQL in the store, one definition per word, every
+frame kind known everywhere it must be, the dashboard's words generated from the wire schema.
 
 These read the source and run the real modules; nothing is mocked.
 """
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from client_hook import spool, wire
+from client_hook import wire
+from client_hook.sending import spool
 from layerwatch.server import store
 from layerwatch.server.main import create_app
 from layerwatch.server.routes.web import vocabulary_js
@@ -93,6 +94,153 @@ def test_the_server_has_no_import_circle() -> None:
             assert not {d for d in deps if re.match(r"layerwatch\.server\.(webhooks|routes|diagnosis)", d)}, name
         if name.startswith("layerwatch.server.diagnosis.rules."):
             assert not {d for d in deps if d.startswith("layerwatch.server.store")}, name
+
+
+def _imports_torch(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "torch":
+            return True
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+            return True
+    return False
+
+
+def test_the_client_has_no_import_circle_and_its_threads_stay_apart() -> None:
+    """client_hook's layers: the vocabulary (wire, catalog, thresholds) and the sending thread
+    know nothing of torch or of training; training never reaches the sender or the monitor;
+    preflight checks a model without a monitor. Only monitor.py joins them."""
+    graph = _import_graph()
+    modules = _modules()
+    assert "client_hook.sending.transport" in graph and "client_hook.training.collector" in graph
+    assert [c for c in _cycles(graph) if any(m.startswith("client_hook") for m in c)] == []
+    vocabulary = {"client_hook.wire", "client_hook.catalog", "client_hook.thresholds"}
+    for name, deps in graph.items():
+        if name in vocabulary or name.startswith("client_hook.sending"):
+            assert not _imports_torch(modules[name]), f"{name} imports torch"
+            assert not {d for d in deps if re.match(r"client_hook\.(training|preflight|monitor)", d)}, name
+        if name.startswith("client_hook.training"):
+            assert not {d for d in deps if re.match(r"client_hook\.(sending|preflight|monitor)", d)}, name
+        if name.startswith("client_hook.preflight"):
+            assert not {d for d in deps if re.match(r"client_hook\.(sending|monitor)", d)}, name
+
+
+# SQLAlchemy's statement builders (by the name they are imported under) and the calls that run SQL.
+SQL_BUILDERS = {"select", "insert", "update", "delete", "text"}
+SQL_RUNNERS = {"execute", "exec_driver_sql"}
+# Where the server's SQL lives: the store package, and its one documented exception, the webhooks
+# package's own store module (all SQL on the webhook tables; see its docstring and store/__init__.py).
+STORAGE = ("server/store/", "server/webhooks/store.py")
+# server/db.py's engine setup, by (function, call, what its SQL starts with): each SQLite connection's
+# PRAGMAs, and the ALTER TABLE that adds a newer version's columns.
+ENGINE_SETUP = {
+    ("_sqlite_pragmas", "execute", "PRAGMA "),
+    ("_add_missing_columns", "exec_driver_sql", "ALTER TABLE "),
+}
+
+
+def _sql_calls(source: str) -> list[tuple[str | None, int, str, str]]:
+    """(enclosing function, line, call, its SQL's leading literal text) of every SQL-building or -running call.
+
+    A builder counts when called by the name `from sqlalchemy... import` bound (under any alias), or
+    as an attribute of an imported sqlalchemy module (`sa.select`); `.execute(` and
+    `.exec_driver_sql(` count on any object. Strings, comments and `dict.update(...)` do not.
+    """
+    tree = ast.parse(source)
+    builders: set[str] = set()
+    modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sqlalchemy":
+            builders |= {a.asname or a.name for a in node.names if a.name in SQL_BUILDERS}
+            modules |= {a.asname or a.name for a in node.names if a.name not in SQL_BUILDERS}
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.split(".")[0] == "sqlalchemy"}
+    found: list[tuple[str | None, int, str, str]] = []
+
+    def leading_text(call: ast.Call) -> str:
+        arg = call.args[0] if call.args else None
+        if isinstance(arg, ast.JoinedStr) and arg.values:
+            arg = arg.values[0]
+        return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else ""
+
+    def visit(node: ast.AST, function: str | None) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = None
+            if isinstance(f, ast.Name) and f.id in builders:
+                name = f.id
+            elif isinstance(f, ast.Attribute) and f.attr in SQL_RUNNERS:
+                name = f.attr
+            elif isinstance(f, ast.Attribute) and f.attr in SQL_BUILDERS:
+                name = f.attr if ast.unparse(f.value).split(".")[0] in modules else None
+            if name is not None:
+                found.append((function, node.lineno, name, leading_text(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, None)
+    return found
+
+
+def test_the_sql_finder_reads_code_not_text() -> None:
+    source = """
+import sqlalchemy as sa
+from sqlalchemy import select as pick, update
+# select(Run) in a comment
+NOTE = "update(Run).values(...) in a string"
+
+def f(session, state):
+    state.update(a=1)
+    session.scalars(pick(1))
+    sa.text("SELECT 1")
+    update(Run)
+    session.execute(f"PRAGMA x={1}")
+"""
+    assert [(fn, call, text) for fn, _, call, text in _sql_calls(source)] == [
+        ("f", "pick", ""),
+        ("f", "text", "SELECT 1"),
+        ("f", "update", ""),
+        ("f", "execute", "PRAGMA x="),
+    ]
+
+
+def test_all_sql_is_in_the_store() -> None:
+    """Routes -> store -> tables: outside server/store/ (and the webhooks' own store module) no module
+    builds or runs SQL; server/db.py's engine setup is allowed by name. Rules import no SQLAlchemy at all."""
+    offenders, setup_seen, storage_seen = [], set(), set()
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        calls = _sql_calls(path.read_text())
+        if where.startswith(STORAGE):
+            storage_seen |= {where} if calls else set()
+            continue
+        for function, line, call, text in calls:
+            setup = next((s for s in ENGINE_SETUP if s[:2] == (function, call) and text.startswith(s[2])), None)
+            if where == "server/db.py" and setup is not None:
+                setup_seen.add(setup)
+            else:
+                offenders.append(f"{where}:{line} {call}(...) in {function or 'the module'}")
+        if where.startswith("server/diagnosis/rules/"):
+            assert "sqlalchemy" not in {m.split(".")[0] for m in _imported(path)}, where
+    assert offenders == [], "SQL outside server/store/: move it into a data function there"
+    assert setup_seen == ENGINE_SETUP  # the allowance names calls that exist
+    assert {"server/store/runs.py", "server/store/rollup.py", "server/webhooks/store.py"} <= storage_seen
+    # The exception stays the webhooks' own: it reads no run table, and storage reads none of its tables.
+    assert "layerwatch.server.tables" not in _imported(ROOT / "server" / "webhooks" / "store.py")
+    for path in (ROOT / "server" / "store").rglob("*.py"):
+        assert "layerwatch.server.webhooks.tables" not in _imported(path), path
+
+
+def _imported(path: Path) -> set[str]:
+    """The modules a file imports from, anywhere in it."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
 
 
 def test_the_server_and_the_layerwatch_package_never_import_torch_at_module_level() -> None:

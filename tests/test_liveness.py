@@ -143,8 +143,8 @@ def test_marking_touches_only_silent_running_runs(tmp_path: Path, run_frames: An
         store.ingest_batch(session, frames=run_frames(run_id="old-but-ended"), now=100.0)
         store.ingest_batch(session, frames=run_frames(run_id="recent", end=False), now=200.0)
     with sessions() as session:
-        assert liveness.mark_crashed(session, before=150.0) == ["old"]
-        assert liveness.mark_crashed(session, before=150.0) == []  # once is enough
+        assert store.mark_crashed(session, before=150.0) == ["old"]
+        assert store.mark_crashed(session, before=150.0) == []  # once is enough
     with sessions() as session:
         status: dict[str, str] = {run.id: run.status for run in store.list_runs(session)}
         assert status == {"old": "crashed", "old-but-ended": "finished", "recent": "running"}

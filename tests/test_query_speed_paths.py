@@ -21,8 +21,9 @@ import pytest
 from websockets.sync.client import connect
 
 from client_hook import wire
-from layerwatch.server import rollup, store
+from layerwatch.server import store
 from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.store import rollup
 from tests.conftest import stat_row
 from tests.serving import serve
 

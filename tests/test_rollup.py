@@ -19,8 +19,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from layerwatch.server import rollup, store
+from layerwatch.server import store
 from layerwatch.server.db import init_db, make_engine, make_session_factory
+from layerwatch.server.store import rollup
 from layerwatch.server.tables import LayerStatRollup
 
 LAYERS = ("embed", "block.0", "block.1", "head")

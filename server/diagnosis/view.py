@@ -14,6 +14,7 @@ from typing import Any
 
 from client_hook.catalog import RULES
 from layerwatch.server.diagnosis.history import RunHistory, StepRecord
+from layerwatch.server.jsonvalues import json_text
 from layerwatch.server.records import Finding
 
 
@@ -128,19 +129,8 @@ class RunView:
             step=self.step,
             message=message,
             remedy=info.remedy,
-            evidence=_json_safe(evidence) if evidence else None,
+            evidence=json_text(evidence) if evidence else None,  # stored as written: NaN reads back "NaN"
         )
-
-
-def _json_safe(value: Any) -> Any:
-    """Evidence is stored as JSON: NaN/±Inf become strings a reader can still see."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def streak(state: dict[str, Any], key: str, held: bool, step: int) -> tuple[int, int]:

@@ -1,19 +1,19 @@
-"""Run reads: the runs list, one run, its project, its scalar keys and stored series, and the
-module order the heatmaps follow."""
+"""Run rows: the runs list, one run, its project, its scalar keys and stored series, the
+module order the heatmaps follow, and marking silent runs crashed (for server/liveness.py)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from layerwatch.server import rollup
 from layerwatch.server.records import (
     RunInfo,
 )
+from layerwatch.server.store import rollup
 from layerwatch.server.tables import Alert, Project, Run, Scalar
 
 
@@ -83,6 +83,16 @@ def run_projects(session: Session, run_ids: list[str]) -> dict[str, str]:
     return {run_id: project for run_id, project in rows}
 
 
+def run_name_and_project(session: Session, *, run_id: str) -> tuple[str, str] | None:
+    """(name, project name) of a stored run, or None: from the session's own rows when it holds them
+    (as ingest's does), so usually without a query. For the webhook payload."""
+    run = session.get(Run, run_id)
+    if run is None:
+        return None
+    project = session.get(Project, run.project_id)
+    return run.name, project.name if project is not None else ""
+
+
 def find_run(session: Session, *, id_or_name: str) -> RunInfo | None:
     """The run with this id, else the newest run with this name, else None."""
     run = get_run(session, run_id=id_or_name)
@@ -96,6 +106,20 @@ def find_run(session: Session, *, id_or_name: str) -> RunInfo | None:
 
 def scalar_keys(session: Session, *, run_id: str) -> list[str]:
     return list(session.scalars(select(Scalar.key).where(Scalar.run_id == run_id).distinct().order_by(Scalar.key)))
+
+
+def mark_crashed(session: Session, *, before: float) -> list[str]:
+    """Mark `running` runs last updated before `before` as `crashed`; commit; return their ids.
+
+    Call it holding the ingest write lock, so that no batch of those runs commits in between.
+    """
+    stale = (Run.status == "running") & (Run.updated_at < before)
+    run_ids = list(session.scalars(select(Run.id).where(stale)))
+    if run_ids:
+        # The condition again: on a database shared by several servers, another may have just stored a frame.
+        session.execute(update(Run).where(stale, Run.id.in_(run_ids)).values(status="crashed"))
+        session.commit()
+    return run_ids
 
 
 def forward_order(model: dict[str, Any] | None) -> Any:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from layerwatch.server import rollup
+from layerwatch.server.store import rollup
 from layerwatch.server.store.codec import unpack_counts
 from layerwatch.server.store.runs import forward_order
 from layerwatch.server.tables import Histogram

@@ -19,13 +19,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from layerwatch.server import rollup
 from layerwatch.server.records import (
     AlertInfo,
     Finding,
     IngestResult,
     UnknownRunError,
 )
+from layerwatch.server.store import rollup
 from layerwatch.server.store.alerts import upsert_alert
 from layerwatch.server.store.codec import pack_counts
 from layerwatch.server.tables import Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal

@@ -4,7 +4,9 @@
 commit together (or not at all) and a restart finds every pending delivery
 still there. The worker then `claim_due`s what is due (respecting each
 webhook's rate limit), sends it, and `record_attempt`s the answer, which
-decides between delivered, another try later, and failed. No HTTP here.
+decides between delivered, another try later, and failed. No HTTP here, and
+no SQL: the rows are read and written by `webhooks.store` (the run's name by
+`store`); this module decides.
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from client_hook import wire
+from layerwatch.server import store
 from layerwatch.server.records import ALERT_ESCALATED, ALERT_NEW, AlertInfo, RunInfo
-from layerwatch.server.tables import Project, Run
 from layerwatch.server.webhooks import payload
+from layerwatch.server.webhooks import store as webhook_store
 from layerwatch.server.webhooks.sender import Answer
-from layerwatch.server.webhooks.tables import DELIVERED, FAILED, PENDING, Webhook, WebhookAttempt, WebhookDelivery
+from layerwatch.server.webhooks.tables import DELIVERED, FAILED, PENDING, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +69,25 @@ def _wake_all(session: Session) -> None:
 # ---------------------------------------------------------------- enqueue
 
 
-def _project_of(session: Session, run: RunInfo | Run) -> str:
-    if isinstance(run, Run):
-        project = session.get(Project, run.project_id)
-        return project.name if project is not None else ""
-    return run.project
-
-
-def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run: RunInfo | Run | None = None) -> int:
+def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run: RunInfo | None = None) -> int:
     """Add one pending delivery of `alert` per webhook that wants it; return how many.
 
     Only a new or escalated alert is sent (`change` from `store.upsert_alert`, via `alerting.raise_alert`);
     a webhook wants it when the alert's severity is at least its
     `min_severity` and it is for every project or the run's. `run` (a
-    `store.RunInfo` or a `tables.Run` row) saves a lookup; without it the run
-    is read by `alert.run_id`. Not committed here: call inside the transaction
+    `store.RunInfo`) saves a lookup; without it the run's name and project
+    are read by `alert.run_id`. Not committed here: call inside the transaction
     that upserted the alert, before its commit.
     """
     if change not in SEND_ON:
         return 0
-    webhooks = session.scalars(select(Webhook).order_by(Webhook.id)).all()
+    webhooks = webhook_store.list_webhooks(session)
     if not webhooks:
         return 0  # the common case: one query, nothing else
-    run = run if run is not None else session.get(Run, alert.run_id)
-    if run is None:
+    named = (run.name, run.project) if run is not None else store.run_name_and_project(session, run_id=alert.run_id)
+    if named is None:
         raise ValueError(f"alert {alert.id} is for run {alert.run_id!r}, which is not stored")
-    project = _project_of(session, run)
+    run_name, project = named
     rank = wire.severity_rank(alert.severity)
     wanted = [
         w
@@ -101,13 +96,7 @@ def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run:
     ]
     if not wanted:
         return 0
-    already = set(
-        session.scalars(
-            select(WebhookDelivery.webhook_id).where(
-                WebhookDelivery.alert_id == alert.id, WebhookDelivery.severity == alert.severity
-            )
-        )
-    )
+    already = webhook_store.queued_webhook_ids(session, alert_id=alert.id, severity=alert.severity)
     body = payload.snapshot(
         alert_id=alert.id,
         rule=alert.rule,
@@ -120,35 +109,23 @@ def enqueue(session: Session, *, alert: AlertInfo, change: str, now: float, run:
         message=alert.message,
         remedy=alert.remedy,
         evidence=alert.evidence,
-        run=run.name,
+        run=run_name,
         run_id=alert.run_id,
         project=project,
     )
-    added = 0
-    for webhook in wanted:
-        if webhook.id in already:
-            continue  # the same alert at the same severity: sent once
-        session.add(
-            WebhookDelivery(
-                id=str(uuid.uuid4()),
-                webhook_id=webhook.id,
-                alert_id=alert.id,
-                run_id=alert.run_id,
-                url=webhook.url,
-                severity=alert.severity,
-                payload=body,
-                status=PENDING,
-                attempts=0,
-                created_at=now,
-                next_attempt_at=now,
-                finished_at=None,
-            )
+    fresh = [w for w in wanted if w.id not in already]  # the same alert at the same severity: sent once
+    if fresh:
+        webhook_store.add_deliveries(
+            session,
+            webhooks=fresh,
+            alert_id=alert.id,
+            run_id=alert.run_id,
+            severity=alert.severity,
+            payload=body,
+            now=now,
         )
-        added += 1
-    if added:
-        session.flush()
         event.listen(session, "after_commit", _wake_all, once=True)
-    return added
+    return len(fresh)
 
 
 # ---------------------------------------------------------------- claim
@@ -166,16 +143,6 @@ class Due:
     attempt: int
 
 
-def next_due_at(session: Session) -> float | None:
-    """When the earliest pending delivery is due (None: nothing pending)."""
-    return session.scalar(
-        select(WebhookDelivery.next_attempt_at)
-        .where(WebhookDelivery.status == PENDING)
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(1)
-    )
-
-
 def claim_due(
     session: Session,
     *,
@@ -191,13 +158,7 @@ def claim_due(
     gets no more now: its due deliveries are moved to when the window has room
     (deferred, never dropped). A delivery whose webhook was deleted fails.
     """
-    rows = session.execute(
-        select(WebhookDelivery, Webhook)
-        .outerjoin(Webhook, WebhookDelivery.webhook_id == Webhook.id)
-        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.created_at)
-        .limit(limit * 4)  # room for some to be deferred by the rate limit
-    ).all()
+    rows = webhook_store.due_deliveries(session, now=now, limit=limit * 4)  # room for some deferred by the rate limit
     recent: dict[int, list[float]] = {}
     taken: dict[int, int] = defaultdict(int)
     claimed: list[Due] = []
@@ -206,13 +167,7 @@ def claim_due(
             _finish(delivery, FAILED, now, error="the webhook was deleted before this alert was delivered")
             continue
         if webhook.id not in recent:
-            recent[webhook.id] = list(
-                session.scalars(
-                    select(WebhookAttempt.at)
-                    .where(WebhookAttempt.webhook_id == webhook.id, WebhookAttempt.at > now - rate_window_s)
-                    .order_by(WebhookAttempt.at)
-                )
-            )
+            recent[webhook.id] = webhook_store.attempt_times(session, webhook_id=webhook.id, since=now - rate_window_s)
         times = recent[webhook.id]
         used = len(times) + taken[webhook.id]
         if used >= rate_limit or len(claimed) >= limit:
@@ -272,7 +227,7 @@ def record_attempt(
     A failure worth retrying is retried until `retry_for_s` after the alert was
     raised; the attempt that would come later than that is not made.
     """
-    delivery = session.get(WebhookDelivery, due.id)
+    delivery = webhook_store.get_delivery(session, delivery_id=due.id)
     if delivery is None or delivery.status != PENDING:
         return delivery.status if delivery is not None else FAILED  # deleted meanwhile
     delivery.attempts = due.attempt
@@ -294,17 +249,16 @@ def record_attempt(
     else:
         outcome = FAILED
         _finish(delivery, FAILED, now, error=answer.error)
-    session.add(
-        WebhookAttempt(
-            delivery_id=due.id,
-            webhook_id=due.webhook_id,
-            number=due.attempt,
-            at=now,
-            status_code=answer.status_code,
-            latency_ms=answer.latency_ms,
-            error=answer.error,
-            outcome=outcome,
-        )
+    webhook_store.add_attempt(
+        session,
+        delivery_id=due.id,
+        webhook_id=due.webhook_id,
+        number=due.attempt,
+        at=now,
+        status_code=answer.status_code,
+        latency_ms=answer.latency_ms,
+        error=answer.error,
+        outcome=outcome,
     )
     session.commit()
     return outcome

@@ -1,11 +1,17 @@
-"""Data functions for the webhook REST routes and start-up: receivers, deliveries, per-alert summaries.
+"""The webhook tables' data functions: receivers, deliveries, per-alert summaries, and the outbox's rows.
 
-Keyword-only arguments, no HTTP; results are plain dataclasses. A webhook's
-secret goes in and is used for signing, but never comes out of here.
+All SQL on the webhook tables (webhooks/tables.py) is here, and only that: this is the one
+storage module outside `layerwatch.server.store` (tests/test_layout.py allows it by name),
+because the webhooks package owns those tables, and it reads no run table (the outbox asks
+`store` for a run's name). Keyword-only arguments, no HTTP. The REST routes and start-up get
+plain dataclasses; the outbox (outbox.py, which decides what is sent, when and how often) is
+handed the delivery rows it moves on, and commits them itself. A webhook's secret goes in and
+is used for signing, but only the outbox's `Due` carries it out.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,3 +234,114 @@ def alert_summaries(session: Session, *, run_id: str) -> list[AlertDeliveries]:
             )
         )
     return out
+
+
+# ---------------------------------------------------------------- the outbox's rows
+
+
+def queued_webhook_ids(session: Session, *, alert_id: int, severity: str) -> set[int | None]:
+    """The webhooks that have a delivery of this alert at this severity already (queued, sent or failed)."""
+    return set(
+        session.scalars(
+            select(WebhookDelivery.webhook_id).where(
+                WebhookDelivery.alert_id == alert_id, WebhookDelivery.severity == severity
+            )
+        )
+    )
+
+
+def add_deliveries(
+    session: Session,
+    *,
+    webhooks: list[WebhookInfo],
+    alert_id: int,
+    run_id: str,
+    severity: str,
+    payload: dict[str, Any],
+    now: float,
+) -> None:
+    """One pending delivery of `payload` per webhook, due now; flushed, not committed (the caller's transaction)."""
+    for webhook in webhooks:
+        session.add(
+            WebhookDelivery(
+                id=str(uuid.uuid4()),
+                webhook_id=webhook.id,
+                alert_id=alert_id,
+                run_id=run_id,
+                url=webhook.url,
+                severity=severity,
+                payload=payload,
+                status=PENDING,
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                finished_at=None,
+            )
+        )
+    session.flush()
+
+
+def next_due_at(session: Session) -> float | None:
+    """When the earliest pending delivery is due (None: nothing pending)."""
+    return session.scalar(
+        select(WebhookDelivery.next_attempt_at)
+        .where(WebhookDelivery.status == PENDING)
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(1)
+    )
+
+
+def due_deliveries(session: Session, *, now: float, limit: int) -> list[tuple[WebhookDelivery, Webhook | None]]:
+    """Up to `limit` pending deliveries due by `now`, soonest due (then oldest) first, each with its
+    webhook (None: deleted since). The rows are the outbox's to move on and commit."""
+    rows = session.execute(
+        select(WebhookDelivery, Webhook)
+        .outerjoin(Webhook, WebhookDelivery.webhook_id == Webhook.id)
+        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.created_at)
+        .limit(limit)
+    )
+    return [(delivery, webhook) for delivery, webhook in rows]
+
+
+def attempt_times(session: Session, *, webhook_id: int, since: float) -> list[float]:
+    """When a webhook's attempts after `since` were made, oldest first (its rate-limit window)."""
+    return list(
+        session.scalars(
+            select(WebhookAttempt.at)
+            .where(WebhookAttempt.webhook_id == webhook_id, WebhookAttempt.at > since)
+            .order_by(WebhookAttempt.at)
+        )
+    )
+
+
+def get_delivery(session: Session, *, delivery_id: str) -> WebhookDelivery | None:
+    """One delivery's row, for the outbox to move on and commit; None if it is gone."""
+    return session.get(WebhookDelivery, delivery_id)
+
+
+def add_attempt(
+    session: Session,
+    *,
+    delivery_id: str,
+    webhook_id: int | None,
+    number: int,
+    at: float,
+    status_code: int | None,
+    latency_ms: float | None,
+    error: str | None,
+    outcome: str,
+) -> None:
+    """Store one attempt of a delivery; not committed (the outbox commits it with the delivery's new state)."""
+    session.add(
+        WebhookAttempt(
+            delivery_id=delivery_id,
+            webhook_id=webhook_id,
+            number=number,
+            at=at,
+            status_code=status_code,
+            latency_ms=latency_ms,
+            error=error,
+            outcome=outcome,
+        )
+    )

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from layerwatch.server.settings import Settings
 from layerwatch.server.webhooks import outbox, payload, sender, signing
+from layerwatch.server.webhooks import store as webhook_store
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class WebhookWorker:
 
     def _next_due_at(self) -> float | None:
         with self.sessions() as session:
-            return outbox.next_due_at(session)
+            return webhook_store.next_due_at(session)
 
     def _attempt(self, due: outbox.Due) -> None:
         s = self.settings

@@ -19,6 +19,9 @@ by the same output bucket and merged. The answer is the one a GROUP BY over
 the exact rows gives (tests/test_rollup.py checks it on random data), because
 the same SQL aggregates build it. `plan` rounds a wanted bucket width to one
 the levels serve: between half and all of the points asked for.
+
+A database from before the rollups gets them when it is opened: `init_db` asks
+`runs_missing_rollups` and `rebuild`s each of those runs.
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from client_hook import wire
-from layerwatch.server.tables import Histogram, HistogramRollup, LayerStat, LayerStatRollup, Scalar, ScalarRollup
+from layerwatch.server.tables import (
+    Histogram,
+    HistogramRollup,
+    LayerStat,
+    LayerStatRollup,
+    Run,
+    Scalar,
+    ScalarRollup,
+)
 
 # Powers of 4: a wanted width w is served by a level within 2x of it (see `plan`), so a
 # query reads at most ~2 rollup rows per point it returns. 65536 covers 100M-step runs
@@ -161,6 +172,11 @@ def missing(session: Session, *, run_id: str) -> bool:
         if session.scalar(past_first_bucket) is not None and session.scalar(first_level) is None:
             return True
     return False
+
+
+def runs_missing_rollups(session: Session) -> list[str]:
+    """The ids of the stored runs that lack rollup rows (see `missing`), for `init_db` to `rebuild`."""
+    return [run_id for run_id in session.scalars(select(Run.id)) if missing(session, run_id=run_id)]
 
 
 def rebuild(session: Session, *, run_id: str) -> None:
