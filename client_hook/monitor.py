@@ -37,6 +37,7 @@ from client_hook.training.model_info import describe_model, describe_optimizer, 
 from client_hook.training.sampling import DEFAULT_OVERHEAD, Schedule
 from client_hook.training.signals import target_counts
 from client_hook.training.tensors import HostCopy
+from client_hook.training.wrapped import find_scaler, unwrap_optimizer
 
 log = logging.getLogger("layerwatch")
 
@@ -49,8 +50,9 @@ _attached: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictio
 
 def attach(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Any = None,
     *,
+    scaler: torch.amp.GradScaler | None = None,
     server: str | None = None,
     run: str | None = None,
     project: str = "default",
@@ -66,6 +68,15 @@ def attach(
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`'s steps); returns at once.
 
+    `model` may be compiled (`torch.compile`) or wrapped in DDP: layers are named as in the
+    module inside. `optimizer` may be a framework's wrapper (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer, anything holding the torch optimizer as `.optimizer` /
+    `._optimizer`): its torch optimizer is hooked. One that cannot be hooked is warned about
+    once and the run goes on without optimizer hooks (each `log(loss=...)` is then a step).
+    `scaler`: the `torch.amp.GradScaler` the training steps through (found by itself inside
+    accelerate's and Lightning's wrappers): a step it skips is counted, marked skipped, and
+    its loss scale logged as `loss_scale` with each loss.
+
     Attaching again to the same model closes the earlier monitor first, so hooks
     never double up. Bad arguments raise ValueError/TypeError naming the value.
 
@@ -77,8 +88,19 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, but got {type(scaler).__name__}")
+    if optimizer is not None:
+        scaler = scaler or find_scaler(optimizer)
+        hooked = unwrap_optimizer(optimizer)
+        if hooked is None:
+            # Never an exception into the training: the run goes on, stepping at log(loss=...).
+            log.warning(
+                "layerwatch: cannot hook the optimizer %s (no torch.optim.Optimizer with step hooks in it); "
+                "monitoring without optimizer hooks: each log(loss=...) counts as a step, gradients are read there",
+                type(optimizer).__name__,
+            )
+        optimizer = hooked
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"every must be a positive integer or None, but got {every!r}")
     if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 < overhead < 1:
@@ -98,6 +120,7 @@ def attach(
     mon = Monitor(
         model,
         optimizer,
+        scaler=scaler,
         server=server or os.environ.get("LAYERWATCH_SERVER") or DEFAULT_SERVER,
         run=run or time.strftime("run-%Y%m%d-%H%M%S"),
         project=project,
@@ -162,6 +185,7 @@ class Monitor:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         *,
+        scaler: torch.amp.GradScaler | None = None,
         server: str,
         run: str,
         project: str,
@@ -186,6 +210,10 @@ class Monitor:
         self._collector = Collector(
             model, optimizer, schedule=schedule, emit=self._emit_sample, on_forward_order=self._start
         )
+        self.scaler = scaler
+        self._scaler_step: Callable[..., Any] | None = None
+        if scaler is not None and optimizer is not None:
+            self._watch_scaler(scaler)
         self._atexit = _close_at_exit(self)
         atexit.register(self._atexit)
 
@@ -230,6 +258,7 @@ class Monitor:
         if _attached.get(self.model) is self:
             del _attached[self.model]
         self._collector.remove()
+        self._unwatch_scaler()
         self._start(self._collector.forward_order)
         step = self._last_step if self._last_step is not None else max(self._collector.step - 1, 0)
         self._sender.submit(Frame("run_end", step, status=status, time=time.time()))
@@ -252,6 +281,7 @@ class Monitor:
             "acked": self._sender.acked,
             "dropped": dict(self._sender.dropped),
             "hooks": self._collector.num_hooks,
+            "skipped_steps": self._collector.skipped,
         }
 
     # ------------------------------------------------------------ internals
@@ -268,6 +298,8 @@ class Monitor:
             "every_mode": self._collector.schedule.mode,
             "overhead_budget": self._collector.schedule.overhead,
             "grad_source": "optimizer step pre-hook (after unscaling and clipping)" if self.optimizer else "at log()",
+            "amp_scaler": self.scaler is not None,  # skipped steps are seen (and marked) only with one
+            "compiled": self._collector.compiled,  # compiled at attach: no activation statistics
             "layerwatch": __version__,
             "torch": torch.__version__,
             "device": str(first.device) if first is not None else None,
@@ -281,7 +313,7 @@ class Monitor:
                 name=self.run,
                 project=self.project,
                 time=time.time(),
-                model=describe_model(self.model, forward_order, optimized),
+                model=describe_model(self._collector.inner, forward_order, optimized),
                 optimizer=describe_optimizer(self.optimizer),
                 config=config,
             )
@@ -312,7 +344,13 @@ class Monitor:
         else:
             step = self._last_step if self._last_step is not None else 0
         if self.optimizer is not None and loss is not None:
-            values.update(group_lrs(self.optimizer))
+            # The rates the step ran with (read in its step pre-hook): a scheduler may have stepped since.
+            values.update(self._collector.lrs_at(step) or group_lrs(self.optimizer))
+            scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+            if isinstance(scale, torch.Tensor) and self.scaler.is_enabled():
+                number = self._number("loss_scale", scale)  # a CUDA tensor is read without a sync
+                if number is not None:
+                    values["loss_scale"] = number
         if values:
             self._sender.submit(_Scalars(step, values))
         counts = target_counts(step, targets) if targets is not None else None
@@ -334,6 +372,33 @@ class Monitor:
         if self._loss_after_step is None:
             self._loss_after_step = completed > 0
         return completed - 1 if self._loss_after_step and completed > 0 else completed
+
+    def _watch_scaler(self, scaler: torch.amp.GradScaler) -> None:
+        """See each `scaler.step(optimizer)` that returns without running the optimizer's step.
+
+        The instance's `step` is wrapped (restored at close): the scaler has already read
+        whether the gradients are finite (its own host sync), so knowing costs nothing more.
+        """
+        original = scaler.step
+        collector = self._collector
+
+        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            before = collector.step
+            result = original(optimizer, *args, **kwargs)
+            try:
+                if collector.step == before and unwrap_optimizer(optimizer) is self.optimizer:
+                    collector.skip_step()
+            except Exception:
+                self._warn_once("scaler", "layerwatch: reading a skipped AMP step failed", exc_info=True)
+            return result
+
+        self._scaler_step = step
+        scaler.step = step  # type: ignore[method-assign]
+
+    def _unwatch_scaler(self) -> None:
+        if self._scaler_step is not None and vars(self.scaler).get("step") is self._scaler_step:
+            del self.scaler.step  # the class's method again
+        self._scaler_step = None
 
     def _number(self, key: str, value: Any) -> float | _Deferred | None:
         if isinstance(value, torch.Tensor):

@@ -100,6 +100,7 @@ FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "reme
 #   nonfinite_grads  "layer.param" labels of gradients holding NaN/Inf
 #   grads_stale      at the first backward after the previous step, .grad still held that step's values
 #   target_counts    {class: count} of the targets logged with mon.log(targets=...)
+#   skipped          true: the step's optimizer step did not run (AMP's GradScaler found inf/NaN gradients)
 SIGNAL_FIELDS: tuple[str, ...] = (
     "training",
     "input_mean",
@@ -112,6 +113,7 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "nonfinite_grads",
     "grads_stale",
     "target_counts",
+    "skipped",
 )
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
 MAX_NAME_LEN = 256
@@ -395,6 +397,7 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "grad_norm": _number_or_null,
         "nonfinite_grads": _names,
         "grads_stale": _bool_or_null,
+        "skipped": _bool_or_null,
         "target_counts": _class_counts,
     },
     "findings": {},

@@ -105,6 +105,7 @@ class StepSignal(Base):
     nonfinite_grads: Mapped[list[str] | None] = mapped_column(JSON)
     grads_stale: Mapped[bool | None] = mapped_column(Boolean)
     target_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    skipped: Mapped[bool | None] = mapped_column(Boolean)  # newer than the table: db.py adds it to older databases
 
 
 # Table options that only SQLite reads (other dialects ignore them).

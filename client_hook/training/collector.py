@@ -36,10 +36,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from client_hook.training import stats
-from client_hook.training.model_info import param_owners
+from client_hook.training.model_info import group_lrs, param_owners
 from client_hook.training.sampling import Schedule
 from client_hook.training.signals import StepSignals
 from client_hook.training.tensors import HostCopy, first_float_tensor
+from client_hook.training.wrapped import is_compiled, unwrap_model
 from client_hook.wire import ACTIVATION_PARAM
 
 log = logging.getLogger("layerwatch")
@@ -101,12 +102,20 @@ class Collector:
         on_forward_order: Callable[[list[str]], None],
     ) -> None:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        # Layers are named and hooked on the user's own module inside torch.compile's / DDP's wrapper;
+        # the step's top-level hooks go on `model` itself, the module the training calls.
+        self.inner = unwrap_model(model)
+        # Compiled already: hooks on inner modules would sit inside the compiled graph, and adding or
+        # removing one recompiles it. So none are registered there (no forward order, no activations).
+        self.compiled = is_compiled(model)
         self._emit = emit
         self._on_forward_order = on_forward_order
-        self.step = 0  # the step in progress = optimizer steps completed so far
+        self.step = 0  # the step in progress = optimizer steps taken or skipped so far
         self.forward_order: list[str] | None = None
-        self._names = {module: name for name, module in model.named_modules()}
-        self._owners = param_owners(model)
+        self.skipped = 0  # steps counted without an optimizer step (a GradScaler skipped them)
+        self._lrs: dict[int, dict[str, float]] = {}  # step -> the learning rates it ran with (latest two steps)
+        self._names = {module: name for name, module in self.inner.named_modules()}
+        self._owners = param_owners(self.inner)
         self._handles: list[RemovableHandle] = []  # for the whole attachment
         self._armed: list[RemovableHandle] = []  # activation hooks of the sampled step
         self._order_handles: list[RemovableHandle] = []
@@ -120,10 +129,11 @@ class Collector:
         self._watch_forward_order()
         # (row, parameter) in model order; fixed at attach, like the names (no per-step walk of the model).
         self._params: list[tuple[Row, nn.Parameter]] = [
-            ((*self._owners.get(id(p), ("", "?")), "grad"), p) for p in model.parameters()
+            ((*self._owners.get(id(p), ("", "?")), "grad"), p) for p in self.inner.parameters()
         ]
         labelled = [(f"{layer}.{name}" if layer else name, param) for (layer, name, _), param in self._params]
-        self.signals = StepSignals(model, self._names, labelled)
+        # The inner module: a replay that names the first non-finite module runs eagerly, uncompiled.
+        self.signals = StepSignals(self.inner, self._names, labelled)
         if optimizer is not None:
             self.signals.optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         # Always on, every step: two hooks on the top module only (see signals.py for the cost).
@@ -199,6 +209,15 @@ class Collector:
             self.forward_order = list(self._seen_order)
             self._on_forward_order(self.forward_order)
 
+        def compiled_done(module: nn.Module, args: Any, output: Any) -> None:
+            for handle in self._order_handles:
+                handle.remove()
+            self._order_handles = []
+            self._on_forward_order(None)
+
+        if self.compiled:  # the order is the registration order, not seen (`called` unknown)
+            self._order_handles.append(self.model.register_forward_hook(self._guard("order", compiled_done)))
+            return
         for module in self._names:
             self._order_handles.append(module.register_forward_pre_hook(self._guard("order", record)))
         self._order_handles.append(self.model.register_forward_hook(self._guard("order", done)))
@@ -206,7 +225,7 @@ class Collector:
     # ------------------------------------------------------------ activations
 
     def _arm_if_sampled(self) -> None:
-        if not self.is_sampled(self.step) or self._armed or "activation" in self._quiet:
+        if not self.is_sampled(self.step) or self._armed or "activation" in self._quiet or self.compiled:
             return
         self._activations = {}
         for module in self._names:
@@ -252,18 +271,94 @@ class Collector:
             for i, ((row, g), part) in enumerate(zip(pairs, parts))
         ]
 
-    def _step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Every step: the gradient norms (signals); on a sampled step also the gradients and weights."""
-        self._read_norms()
-        if self.is_sampled(self.step) and "optimizer" not in self._quiet:
-            self._timed(self._before_step)
+    def _step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        """Every step: its learning rates and the gradient norms (signals); on a sampled step also the
+        gradients and the weights.
 
-    def _before_step(self) -> None:
-        self._read_grads()
+        `step(closure)` (Lightning, LBFGS) computes the gradients inside the step, after this hook:
+        the closure is wrapped so that they are read when its first call returns, and so belong to
+        the step that applies them. Returns the new (args, kwargs) then, None otherwise (unchanged).
+        """
+        sampled = self.is_sampled(self.step) and "optimizer" not in self._quiet
+        try:
+            self._remember_lrs()
+            # `args` starts with the optimizer itself (torch calls step(self, closure=None) through the hooks).
+            closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        except Exception:
+            self._go_quiet("lr")
+            closure = None
+        if sampled:
+            self._timed(self._snapshot_weights)  # the weights do not change before the update itself
+        if callable(closure):
+            wrapped = self._read_after(closure, sampled)
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (args[0], wrapped, *args[2:]), kwargs
+        self._read_gradients(sampled)
+        return None
+
+    def _read_gradients(self, sampled: bool) -> None:
+        self._read_norms()
+        if sampled and "optimizer" not in self._quiet:
+            self._timed(self._read_grads)
+
+    def _read_after(self, closure: Callable[..., Any], sampled: bool) -> Callable[..., Any]:
+        """`closure`, reading the step's gradients once its first call has made them.
+
+        Later calls (LBFGS evaluates several points in one step) are not read: the first is the
+        gradient at the weights the step starts from.
+        """
+        read = False
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            nonlocal read
+            loss = closure(*args, **kwargs)
+            if not read:
+                read = True
+                self._read_gradients(sampled)
+            return loss
+
+        return run
+
+    def _remember_lrs(self) -> None:
+        """The learning rates this step runs with: a scheduler steps after the optimizer, so read now."""
+        if self.optimizer is not None:
+            self._lrs[self.step] = group_lrs(self.optimizer)
+            self._lrs.pop(self.step - 2, None)
+
+    def lrs_at(self, step: int) -> dict[str, float] | None:
+        """The learning rates step `step` ran with, if it was one of the latest two steps taken."""
+        return self._lrs.get(step)
+
+    def _snapshot_weights(self) -> None:
         # The pre-step weights, as subsets: what the update ratio needs and nothing more (bounded memory).
         trainable = [p for _, p in self._params if p.requires_grad]
         copies = torch._foreach_mul([stats.subset(p) for p in trainable], 1.0) if trainable else []
         self._snapshots = dict(zip((id(p) for p in trainable), copies))
+
+    def skip_step(self) -> None:
+        """An iteration whose optimizer step did not run (a GradScaler found inf/NaN gradients and skipped it).
+
+        Counted as a step, as the frameworks count it, and marked skipped. Its gradients are
+        neither read nor sampled: they are the overflowed, still-scaled ones the skip is about.
+        """
+        try:
+            self._remember_lrs()
+        except Exception:
+            self._go_quiet("lr")
+        self.skipped += 1
+        self._snapshots, self._activations, self._grads = {}, {}, []
+        self.schedule.end_step(self.step, False)
+        if "signals" not in self._quiet:
+            try:
+                self._emit(self.signals.end_step(self.step, skipped=True))
+            except Exception:
+                self._go_quiet("signals")
+        self.step += 1
+        try:
+            self._arm_if_sampled()
+        except Exception:
+            self._go_quiet("activation")
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         sampled = self.is_sampled(self.step)
@@ -330,6 +425,10 @@ class Collector:
         """
 
         def hook(*args: Any) -> None:
+            if torch.compiler.is_compiling():
+                # Traced by dynamo (the model was compiled after attach): a constant branch, so the
+                # compiled graph holds nothing of ours (no graph break, no guard on our state).
+                return None
             enabled = torch.is_grad_enabled()
             if part in self._quiet or (training_only and not enabled):
                 return None
@@ -346,10 +445,7 @@ class Collector:
                     torch._C._set_grad_enabled(enabled)
             return None  # hooks only observe: returning None leaves outputs untouched
 
-        # Under torch.compile the hook runs eagerly on real tensors (a graph break, ~0.5 us a
-        # call when not compiling) instead of being traced: our bookkeeping (timers, caches,
-        # lists of handles) is Python side effects that dynamo would bake into a graph.
-        return torch.compiler.disable(hook)
+        return hook
 
     def _timed(self, fn: Callable[..., None], *args: Any, part: str = "optimizer", **kwargs: Any) -> None:
         """Run hook work under no_grad, never raising; its time feeds the adaptive budget."""
@@ -362,6 +458,8 @@ class Collector:
         self.schedule.add_hook_time(time.perf_counter() - started)
 
     def _go_quiet(self, part: str) -> None:
+        if part in self._quiet:
+            return  # logged once already
         self._quiet.add(part)
         log.exception("layerwatch: the %s hook failed and is now off for this run (training is unaffected)", part)
 

@@ -346,10 +346,15 @@ class StepSignals:
         them were read: the collector reuses them as the exact norms of a sample's gradient rows."""
         return self._norms if self._norms is not None and len(self._norms) == count else None
 
-    def end_step(self, step: int) -> SignalsItem:
-        """Hand this step's signals over (on the CPU read as floats, no tensor op) and get ready for the next step."""
+    def end_step(self, step: int, *, skipped: bool = False) -> SignalsItem:
+        """Hand this step's signals over (on the CPU read as floats, no tensor op) and get ready for the next step.
+
+        `skipped`: the step's optimizer step did not run (AMP); sent as `skipped: true`, absent otherwise.
+        """
         fields: dict[str, Any] = {}
         values: list[Any] = []
+        if skipped:
+            fields["skipped"] = True
         if self._training is not None:
             fields["training"] = self._training
         if self._first_nonfinite is not None:
