@@ -8,7 +8,9 @@ the host syncs the monitor adds, with `torch.cuda.set_sync_debug_mode("warn")`
 over monitored steps against plain ones: it should add none (a sample's one
 device-to-host copy is non-blocking). `--server none` attaches to an address
 nobody answers (no server needed, e.g. on a GPU machine without the server
-extras): frames then wait in the client's bounded buffer. Whatever
+extras): frames then wait in the client's bounded buffer. `--compile BACKEND` runs
+every variant on `torch.compile(model, backend=BACKEND)` (e.g. inductor), the monitor
+attached to the compiled module (no activation statistics then: see README). Whatever
 `monitor.attach` does is measured, per-step signals included. Ratios are
 medians of alternated blocks.
 """
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default cnn and mlp")
     p.add_argument("--server", choices=("serve", "none"), default="serve", help="a real server, or none answering")
+    p.add_argument("--compile", metavar="BACKEND", help="torch.compile every variant's model with this backend")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device!r}: torch.cuda.is_available() is False on this machine")
@@ -44,6 +47,10 @@ def main() -> None:
     with _server(args.server) as url:
         for name in args.model or ["cnn", "mlp"]:
             plain, default, every1 = (Trainer(name, device=args.device) for _ in range(3))
+            if args.compile:
+                for trainer in (plain, default, every1):
+                    trainer.model = torch.compile(trainer.model, backend=args.compile)
+                name = f"{name} compiled ({args.compile})"
             mons = []
             for trainer, every in ((default, None), (every1, 1)):
                 mon = monitor.attach(

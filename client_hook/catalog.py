@@ -171,14 +171,14 @@ RULES: dict[str, RuleInfo] = {
             "Training-debugging guides on class imbalance",
         ),
         _rule(
-            "amp_steps_skipped",
-            "warning",
-            "Most optimizer steps are skipped (mixed precision)",
-            "The GradScaler finds inf/NaN gradients on most steps, so the model barely trains: train in bfloat16 "
-            "(torch.autocast(dtype=torch.bfloat16) needs no scaler), lower the learning rate, clip gradients after "
-            "scaler.unscale_(optimizer), or find the layer that overflows float16 (its activations pass 65504).",
-            "PyTorch AMP docs (torch.amp.GradScaler: skipped steps, backoff_factor 0.5, growth_interval 2000); "
-            "Micikevicius et al. 2018, Mixed Precision Training",
+            "amp_overflow",
+            "critical",
+            "Mixed precision overflows: most steps skipped",
+            "Find the op that overflows float16 (activations past 65504, the layer named by non_finite); train in "
+            "bfloat16 (torch.autocast(dtype=torch.bfloat16) needs no scaler); lower the learning rate; keep the "
+            "loss and softmax in float32.",
+            "PyTorch AMP docs (torch.amp.GradScaler skips steps whose gradients hold inf/NaN; backoff_factor 0.5, "
+            "growth_interval 2000); Micikevicius et al. 2018, Mixed Precision Training",
         ),
         _rule(
             "gradients_not_zeroed",

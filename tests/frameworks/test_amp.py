@@ -18,12 +18,14 @@ from tests.faults.healthy_models import _digits, _epochs
 from tests.frameworks.conftest import alarms, get
 
 
-def _amp_training(url: str, *, steps: int, overflow_at: set[int], run: str, pass_scaler: bool = True):
+def _amp_training(
+    url: str, *, steps: int, overflow_at: set[int], run: str, pass_scaler: bool = True, init_scale: float = 2.0**16
+):
     xt, yt, _, _ = _digits(0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     mon = monitor.attach(
         model, opt, scaler=scaler if pass_scaler else None, server=url, run=run, every=1, close_timeout=60
     )
@@ -70,10 +72,19 @@ def test_most_steps_skipped_is_a_finding(url: str) -> None:
     overflow = {s for s in range(80) if s % 4 != 0}  # three steps in four overflow
     mon, _, _, taken = _amp_training(url, steps=80, overflow_at=overflow, run="amp-collapsing")
     assert sum(not t for t in taken) == 60
-    found = [a for a in get(url, mon.run_id, "alerts") if a["rule"] == "amp_steps_skipped"]
-    assert len(found) == 1 and found[0]["severity"] == "warning", found
+    found = [a for a in get(url, mon.run_id, "alerts") if a["rule"] == "amp_overflow"]
+    assert len(found) == 1 and found[0]["severity"] == "critical", found
     assert "were skipped by the GradScaler" in found[0]["message"]
     assert found[0]["evidence"]["skipped_steps"] > found[0]["evidence"]["window_steps"] / 2
+
+
+def test_a_loss_scale_fallen_below_one_is_a_finding(url: str) -> None:
+    """Few skips, but the scale is below 1: even unscaled gradients overflow float16."""
+    mon, _, scales, _ = _amp_training(url, steps=40, overflow_at={10, 11, 12, 13}, run="amp-floor", init_scale=8.0)
+    assert scales[13] == 0.5
+    found = [a for a in get(url, mon.run_id, "alerts") if a["rule"] == "amp_overflow"]
+    assert len(found) == 1 and found[0]["step"] == 13, found
+    assert found[0]["evidence"]["loss_scale"] == 0.5 and found[0]["evidence"]["skipped_steps"] == 4
 
 
 def test_without_the_scaler_a_skip_is_not_seen_and_nothing_breaks(url: str) -> None:

@@ -42,7 +42,7 @@ def test_closure_optimizer_gradients_belong_to_the_step_that_applied_them(url: s
     for x, y in _data():
         calls = 0
 
-        def closure() -> torch.Tensor:
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             nonlocal calls
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
