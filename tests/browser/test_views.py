@@ -165,7 +165,14 @@ def test_alert_marker_appears_when_a_layer_overflows(probe, server):
             " && t.text.some(s => s.includes('non_finite')))",
             timeout=20_000,
         )
-        page.locator("#health-list li", has_text="non_finite").wait_for()
+        # The health list is drawn from the same alerts (in the DOM whatever the layout's timing) ...
+        page.wait_for_function(
+            "[...document.querySelectorAll('#health-list li')].some(li => li.textContent.includes('non_finite'))",
+            timeout=20_000,
+        )
+        # ... and shown: its panel belongs to the overview tab, the one open.
+        item = page.locator("#health-list li", has_text="non_finite")
+        assert item.is_visible(), page.evaluate("document.querySelector('[data-tab=overview]').outerHTML.slice(0, 300)")
         markers = page.evaluate("document.getElementById('loss-plot').data.find(t => t.name === 'alerts')")
         i = next(k for k, text in enumerate(markers["text"]) if "non_finite" in text)
         assert markers["x"][i] == 30
