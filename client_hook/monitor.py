@@ -10,6 +10,9 @@
 `attach` returns at once and never raises because the server is down; `log`
 never raises into training (a bad value is logged once and dropped). Steps are
 optimizer steps, from 0; without an optimizer each `log(loss=...)` is a step.
+
+A DistributedDataParallel or DataParallel wrapper is looked through: its
+`.module`'s layers are hooked and named (`training/model_info.unwrap_model`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from client_hook.preflight import PreflightReport, copy_model, run_checks
 from client_hook.preflight.run import OptimizerArg
 from client_hook.sending.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
 from client_hook.training.collector import Collector, Sample
-from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs
+from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs, unwrap_model
 from client_hook.training.sampling import DEFAULT_OVERHEAD, Schedule
 from client_hook.training.signals import target_counts
 from client_hook.training.tensors import HostCopy
@@ -92,6 +95,7 @@ def attach(
     if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
         raise TypeError(f"spool_dir must be a path or None, but got {spool_dir!r}")
     check_limits(spool_max_bytes=spool_max_bytes, max_memory_bytes=max_memory_bytes, heartbeat_s=heartbeat_s)
+    model = unwrap_model(model)
     previous = _attached.get(model)
     if previous is not None:
         previous.close()
@@ -140,7 +144,7 @@ def preflight(
     """
     report, order = run_checks(model, batch, loss_fn, optimizer, steps)
     findings = [f.as_dict() for f in report.findings]
-    mon = _attached.get(model)
+    mon = _attached.get(unwrap_model(model))
     if mon is not None:
         # The copy's forward order stands in for the first training forward not seen yet.
         mon._record_findings(findings, order)

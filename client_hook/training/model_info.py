@@ -14,6 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
+# Wrappers whose layers are their `.module`'s: hooked and named as the module itself, so names
+# carry no "module." prefix. The forward still goes through the wrapper, which calls `.module`:
+# hooks on `.module` see the input batch as the model gets it (DDP has moved it to the device by
+# then), and a replayed forward (signals' non-finite localisation) runs `.module` on one rank
+# alone, never the wrapper's collectives (DDP syncs buffers at the start of its forward).
+WRAPPERS: tuple[type[nn.Module], ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a (DistributedDataParallel, DataParallel) wrapper trains, else `model` itself."""
+    while isinstance(model, WRAPPERS):
+        model = model.module
+    return model
+
 
 def param_owners(model: nn.Module) -> dict[int, tuple[str, str]]:
     """id(parameter) -> (module name, parameter name) for every parameter of `model`.
