@@ -11,13 +11,18 @@
 never raises into training (a bad value is logged once and dropped). Steps are
 optimizer steps, from 0; without an optimizer each `log(loss=...)` is a step.
 
-A DistributedDataParallel or DataParallel wrapper is looked through: its
-`.module`'s layers are hooked and named (`training/model_info.unwrap_model`).
+Under DDP (a process group initialized at `attach`, or RANK/WORLD_SIZE in the
+environment) every rank attaches and all make one run (`training/distributed.py`:
+one collective at attach, never during training): rank 0 sends everything, a
+rank r > 0 its loss and per-step signals only. A DistributedDataParallel or
+DataParallel wrapper is looked through: its `.module`'s layers are hooked and
+named (`training/model_info.unwrap_model`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import numbers
 import os
@@ -36,8 +41,9 @@ from client_hook.preflight import PreflightReport, copy_model, run_checks
 from client_hook.preflight.run import OptimizerArg
 from client_hook.sending.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
 from client_hook.training.collector import Collector, Sample
+from client_hook.training.distributed import Distributed, join_run
 from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs, unwrap_model
-from client_hook.training.sampling import DEFAULT_OVERHEAD, Schedule
+from client_hook.training.sampling import DEFAULT_OVERHEAD, NoSamples, Schedule
 from client_hook.training.signals import target_counts
 from client_hook.training.tensors import HostCopy
 
@@ -48,6 +54,9 @@ DEFAULT_CLOSE_TIMEOUT_S = 10.0
 PREFLIGHT_CLOSE_TIMEOUT_S = 5.0  # preflight's short-lived monitor waits this long for the server, then gives up
 
 _attached: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
+# False while preflight attaches its short-lived monitor to a copy: that one is no rank's part of a
+# distributed run (preflight is often called on rank 0 alone, where the collective would never return).
+_join_distributed: contextvars.ContextVar[bool] = contextvars.ContextVar("join_distributed", default=True)
 
 
 def attach(
@@ -77,6 +86,10 @@ def attach(
     $LAYERWATCH_SPOOL_DIR, else a 0700 folder of your own, `~/.cache/layerwatch/spool`; at most
     `spool_max_bytes`, 0 for no spool), oldest histograms dropped first when full.
     A heartbeat goes to the server every `heartbeat_s` seconds.
+
+    In a distributed training call it on every rank at the same point (it makes
+    one collective with a process group, see client_hook/training/distributed.py);
+    a DDP/DataParallel wrapper is looked through to the module it trains.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
@@ -99,14 +112,24 @@ def attach(
     previous = _attached.get(model)
     if previous is not None:
         previous.close()
+    first = next(model.parameters(), None)
+    ddp = None
+    if _join_distributed.get():
+        ddp = join_run(
+            run or time.strftime("run-%Y%m%d-%H%M%S"),
+            named=run is not None,
+            project=project,
+            device=str(first.device) if first is not None else None,
+        )
     mon = Monitor(
         model,
         optimizer,
         server=server or os.environ.get("LAYERWATCH_SERVER") or DEFAULT_SERVER,
-        run=run or time.strftime("run-%Y%m%d-%H%M%S"),
+        run=ddp.run if ddp is not None else run or time.strftime("run-%Y%m%d-%H%M%S"),
         project=project,
         token=token or os.environ.get("LAYERWATCH_TOKEN"),
-        schedule=Schedule(every, overhead),
+        schedule=NoSamples() if ddp is not None and ddp.rank > 0 else Schedule(every, overhead),
+        distributed=ddp,
         on_alert=on_alert,
         close_timeout=close_timeout,
         sender_limits={
@@ -149,7 +172,11 @@ def preflight(
         # The copy's forward order stands in for the first training forward not seen yet.
         mon._record_findings(findings, order)
     elif server is not None or run is not None:
-        shadow = attach(copy_model(model), server=server, run=run, every=1, close_timeout=PREFLIGHT_CLOSE_TIMEOUT_S)
+        alone = _join_distributed.set(False)
+        try:
+            shadow = attach(copy_model(model), server=server, run=run, every=1, close_timeout=PREFLIGHT_CLOSE_TIMEOUT_S)
+        finally:
+            _join_distributed.reset(alone)
         try:
             shadow._record_findings(findings, order)
         finally:
@@ -174,10 +201,14 @@ class Monitor:
         on_alert: Callable[[dict[str, Any]], None] | None,
         close_timeout: float,
         sender_limits: dict[str, Any] | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.run, self.project, self.server = run, project, server
-        self.run_id = uuid.uuid4().hex
+        # Under DDP the run its ranks agreed on at attach; else a new one.
+        self.distributed = distributed
+        self.rank = distributed.rank if distributed is not None else None
+        self.run_id = distributed.run_id if distributed is not None else uuid.uuid4().hex
         self._close_timeout = close_timeout
         self._closed = False
         self._started = False
@@ -185,7 +216,12 @@ class Monitor:
         self._last_step: int | None = None  # the step the latest loss was logged at
         self._loss_after_step: bool | None = None  # does the user log after opt.step()?
         self._sender = Sender(
-            server=server, run_id=self.run_id, token=token, on_alert=on_alert, **(sender_limits or {})
+            server=server,
+            run_id=self.run_id,
+            rank=self.rank,
+            token=token,
+            on_alert=on_alert,
+            **(sender_limits or {}),
         )
         self._collector = Collector(
             model, optimizer, schedule=schedule, emit=self._emit_sample, on_forward_order=self._start
@@ -256,6 +292,8 @@ class Monitor:
             "acked": self._sender.acked,
             "dropped": dict(self._sender.dropped),
             "hooks": self._collector.num_hooks,
+            "rank": self.rank,
+            "world_size": self.distributed.world_size if self.distributed is not None else None,
         }
 
     # ------------------------------------------------------------ internals
@@ -278,6 +316,8 @@ class Monitor:
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
+        if self.distributed is not None:  # rank, world_size, how the run id was agreed, each rank's host and pid
+            config.update(self.distributed.config)
         self._sender.submit(
             Frame(
                 "run_start",
@@ -293,6 +333,9 @@ class Monitor:
 
     def _record_findings(self, findings: list[dict[str, Any]], forward_order: list[str]) -> None:
         """Send preflight's findings as one frame (after run_start, which must reach the server first)."""
+        if self.rank:
+            log.info("layerwatch: preflight findings go to the run from rank 0 only; rank %d keeps them", self.rank)
+            return
         self._start(self._collector.forward_order or forward_order)
         self._sender.submit(Frame("findings", 0, findings=findings))
 
@@ -315,8 +358,8 @@ class Monitor:
             self._last_step = step
         else:
             step = self._last_step if self._last_step is not None else 0
-        if self.optimizer is not None and loss is not None:
-            values.update(group_lrs(self.optimizer))
+        if self.optimizer is not None and loss is not None and not self.rank:
+            values.update(group_lrs(self.optimizer))  # the same on every rank: rank 0's stand for all
         if values:
             self._sender.submit(_Scalars(step, values))
         counts = target_counts(step, targets) if targets is not None else None
