@@ -10,11 +10,19 @@
 `attach` returns at once and never raises because the server is down; `log`
 never raises into training (a bad value is logged once and dropped). Steps are
 optimizer steps, from 0; without an optimizer each `log(loss=...)` is a step.
+
+Under DDP (a process group initialized at `attach`, or RANK/WORLD_SIZE in the
+environment) every rank attaches and all make one run (`training/distributed.py`:
+one collective at attach, never during training): rank 0 sends everything, a
+rank r > 0 its loss and per-step signals only. A DistributedDataParallel or
+DataParallel wrapper is looked through: its `.module`'s layers are hooked and
+named (`training/wrapped.py`), as a torch.compile'd model's are its original module's.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import numbers
 import os
@@ -33,11 +41,12 @@ from client_hook.preflight import PreflightReport, copy_model, run_checks
 from client_hook.preflight.run import OptimizerArg
 from client_hook.sending.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
 from client_hook.training.collector import Collector, Sample
+from client_hook.training.distributed import Distributed, join_run
 from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs
-from client_hook.training.sampling import DEFAULT_OVERHEAD, Schedule
+from client_hook.training.sampling import DEFAULT_OVERHEAD, NoSamples, Schedule
 from client_hook.training.signals import target_counts
 from client_hook.training.tensors import HostCopy
-from client_hook.training.wrapped import find_scaler, unwrap_optimizer
+from client_hook.training.wrapped import find_scaler, unwrap_optimizer, unwrap_parallel
 
 log = logging.getLogger("layerwatch")
 
@@ -46,6 +55,9 @@ DEFAULT_CLOSE_TIMEOUT_S = 10.0
 PREFLIGHT_CLOSE_TIMEOUT_S = 5.0  # preflight's short-lived monitor waits this long for the server, then gives up
 
 _attached: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
+# False while preflight attaches its short-lived monitor to a copy: that one is no rank's part of a
+# distributed run (preflight is often called on rank 0 alone, where the collective would never return).
+_join_distributed: contextvars.ContextVar[bool] = contextvars.ContextVar("join_distributed", default=True)
 
 
 def attach(
@@ -85,6 +97,10 @@ def attach(
     $LAYERWATCH_SPOOL_DIR, else a 0700 folder of your own, `~/.cache/layerwatch/spool`; at most
     `spool_max_bytes`, 0 for no spool), oldest histograms dropped first when full.
     A heartbeat goes to the server every `heartbeat_s` seconds.
+
+    In a distributed training call it on every rank at the same point (it makes
+    one collective with a process group, see client_hook/training/distributed.py);
+    a DDP/DataParallel wrapper is looked through to the module it trains.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
@@ -114,18 +130,29 @@ def attach(
     if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
         raise TypeError(f"spool_dir must be a path or None, but got {spool_dir!r}")
     check_limits(spool_max_bytes=spool_max_bytes, max_memory_bytes=max_memory_bytes, heartbeat_s=heartbeat_s)
+    model = unwrap_parallel(model)
     previous = _attached.get(model)
     if previous is not None:
         previous.close()
+    first = next(model.parameters(), None)
+    ddp = None
+    if _join_distributed.get():
+        ddp = join_run(
+            run or time.strftime("run-%Y%m%d-%H%M%S"),
+            named=run is not None,
+            project=project,
+            device=str(first.device) if first is not None else None,
+        )
     mon = Monitor(
         model,
         optimizer,
         scaler=scaler,
         server=server or os.environ.get("LAYERWATCH_SERVER") or DEFAULT_SERVER,
-        run=run or time.strftime("run-%Y%m%d-%H%M%S"),
+        run=ddp.run if ddp is not None else run or time.strftime("run-%Y%m%d-%H%M%S"),
         project=project,
         token=token or os.environ.get("LAYERWATCH_TOKEN"),
-        schedule=Schedule(every, overhead),
+        schedule=NoSamples() if ddp is not None and ddp.rank > 0 else Schedule(every, overhead),
+        distributed=ddp,
         on_alert=on_alert,
         close_timeout=close_timeout,
         sender_limits={
@@ -163,12 +190,16 @@ def preflight(
     """
     report, order = run_checks(model, batch, loss_fn, optimizer, steps)
     findings = [f.as_dict() for f in report.findings]
-    mon = _attached.get(model)
+    mon = _attached.get(unwrap_parallel(model))
     if mon is not None:
         # The copy's forward order stands in for the first training forward not seen yet.
         mon._record_findings(findings, order)
     elif server is not None or run is not None:
-        shadow = attach(copy_model(model), server=server, run=run, every=1, close_timeout=PREFLIGHT_CLOSE_TIMEOUT_S)
+        alone = _join_distributed.set(False)
+        try:
+            shadow = attach(copy_model(model), server=server, run=run, every=1, close_timeout=PREFLIGHT_CLOSE_TIMEOUT_S)
+        finally:
+            _join_distributed.reset(alone)
         try:
             shadow._record_findings(findings, order)
         finally:
@@ -194,10 +225,14 @@ class Monitor:
         on_alert: Callable[[dict[str, Any]], None] | None,
         close_timeout: float,
         sender_limits: dict[str, Any] | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.run, self.project, self.server = run, project, server
-        self.run_id = uuid.uuid4().hex
+        # Under DDP the run its ranks agreed on at attach; else a new one.
+        self.distributed = distributed
+        self.rank = distributed.rank if distributed is not None else None
+        self.run_id = distributed.run_id if distributed is not None else uuid.uuid4().hex
         self._close_timeout = close_timeout
         self._closed = False
         self._started = False
@@ -205,7 +240,12 @@ class Monitor:
         self._last_step: int | None = None  # the step the latest loss was logged at
         self._loss_after_step: bool | None = None  # does the user log after opt.step()?
         self._sender = Sender(
-            server=server, run_id=self.run_id, token=token, on_alert=on_alert, **(sender_limits or {})
+            server=server,
+            run_id=self.run_id,
+            rank=self.rank,
+            token=token,
+            on_alert=on_alert,
+            **(sender_limits or {}),
         )
         self._collector = Collector(
             model, optimizer, schedule=schedule, emit=self._emit_sample, on_forward_order=self._start
@@ -282,6 +322,8 @@ class Monitor:
             "dropped": dict(self._sender.dropped),
             "hooks": self._collector.num_hooks,
             "skipped_steps": self._collector.skipped,
+            "rank": self.rank,
+            "world_size": self.distributed.world_size if self.distributed is not None else None,
         }
 
     # ------------------------------------------------------------ internals
@@ -306,6 +348,8 @@ class Monitor:
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
+        if self.distributed is not None:  # rank, world_size, how the run id was agreed, each rank's host and pid
+            config.update(self.distributed.config)
         self._sender.submit(
             Frame(
                 "run_start",
@@ -321,6 +365,9 @@ class Monitor:
 
     def _record_findings(self, findings: list[dict[str, Any]], forward_order: list[str]) -> None:
         """Send preflight's findings as one frame (after run_start, which must reach the server first)."""
+        if self.rank:
+            log.info("layerwatch: preflight findings go to the run from rank 0 only; rank %d keeps them", self.rank)
+            return
         self._start(self._collector.forward_order or forward_order)
         self._sender.submit(Frame("findings", 0, findings=findings))
 
@@ -343,8 +390,9 @@ class Monitor:
             self._last_step = step
         else:
             step = self._last_step if self._last_step is not None else 0
-        if self.optimizer is not None and loss is not None:
+        if self.optimizer is not None and loss is not None and not self.rank:
             # The rates the step ran with (read in its step pre-hook): a scheduler may have stepped since.
+            # The same on every rank: rank 0's stand for all, as does its loss scale.
             values.update(self._collector.lrs_at(step) or group_lrs(self.optimizer))
             scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
             if isinstance(scale, torch.Tensor) and self.scaler.is_enabled():

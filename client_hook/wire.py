@@ -18,6 +18,17 @@ validation is answered `{"kind": "error", "error": "..."}` and the connection
 is closed. Numbers are JSON numbers; NaN and ±Infinity are allowed where they
 are data (a NaN loss is a finding, not a bad frame).
 
+A distributed training (DDP) is one run sent by each of its processes: every
+frame of rank r > 0 carries `rank` (rank 0 may, and a process outside any
+process group never does), and each rank numbers its own frames, so a run's
+idempotency key is (run_id, rank, seq), rank 0 being the frames without one.
+Rank 0 sends everything; a rank r > 0 sends only what differs per rank
+(`RANK_KINDS`: its run_start, which joins the run without replacing rank 0's
+description, its scalars, its signals, heartbeats and its run_end). Its
+frames are acknowledged under `"ranks": {run_id: {"<rank>": [seq, ...]}}` in
+the ack; the server stores its scalars under `rank_key(key, rank)`
+("loss/rank1") and its signals beside rank 0's, by rank.
+
 Per-layer statistics travel as rows in the column order of
 `LAYER_STAT_COLUMNS`, histograms as rows of `HISTOGRAM_COLUMNS`: the same
 names are the database columns and the REST field names.
@@ -116,6 +127,10 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "skipped",
 )
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
+# What a rank r > 0 of a distributed training sends: what differs per rank. Per-layer statistics,
+# histograms and findings are rank 0's alone (gradients are all-reduced: the same on every rank).
+RANK_KINDS: tuple[str, ...] = ("run_start", "scalars", "signals", "heartbeat", "run_end")
+MAX_RANK = 2**20 - 1  # far beyond any process group; a bigger "rank" is a bug, not a cluster
 MAX_NAME_LEN = 256
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # default server limit for one batch
 MAX_COUNT = 2**63 - 1  # seqs, steps and counts are stored as 64-bit signed database integers
@@ -148,6 +163,12 @@ def _count(v: Any) -> str | None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         return "a non-negative integer"
     return None if v <= MAX_COUNT else "a non-negative integer below 2**63 (a 64-bit database integer)"
+
+
+def _rank(v: Any) -> str | None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_RANK:
+        return f"a process rank: an integer from 0 to {MAX_RANK}"
+    return None
 
 
 def _is_protocol(v: Any) -> bool:
@@ -435,6 +456,15 @@ def validate_frame(frame: Any) -> dict[str, Any]:
             problem = check(frame[field])
             if problem:
                 raise SchemaError(f"{kind!r} frame: field {field!r} must be {problem}, but got {_short(frame[field])}")
+    if "rank" in frame:
+        problem = _rank(frame["rank"])
+        if problem:
+            raise SchemaError(f"field 'rank' must be {problem}, but got {_short(frame['rank'])}")
+        if frame["rank"] > 0 and kind not in RANK_KINDS:
+            raise SchemaError(
+                f"{kind!r} frames come from rank 0 only (a rank > 0 sends {', '.join(RANK_KINDS)}: "
+                f"what differs per rank), but got rank {frame['rank']}"
+            )
     return frame
 
 
@@ -468,9 +498,12 @@ def validate_batch(message: Any) -> list[dict[str, Any]]:
 # The client builds frames only through these, so field names live here alone.
 
 
-def frame(kind: str, *, run_id: str, seq: int, step: int, **fields: Any) -> dict[str, Any]:
-    """One frame of `kind` with the common fields filled in."""
-    return {"protocol": PROTOCOL_VERSION, "kind": kind, "run_id": run_id, "seq": seq, "step": step, **fields}
+def frame(kind: str, *, run_id: str, seq: int, step: int, rank: int | None = None, **fields: Any) -> dict[str, Any]:
+    """One frame of `kind` with the common fields filled in (`rank` only for a process of a process group)."""
+    head = {"protocol": PROTOCOL_VERSION, "kind": kind, "run_id": run_id, "seq": seq, "step": step}
+    if rank is not None:
+        head["rank"] = rank
+    return {**head, **fields}
 
 
 def batch(frames: list[dict[str, Any]]) -> dict[str, Any]:
@@ -478,9 +511,30 @@ def batch(frames: list[dict[str, Any]]) -> dict[str, Any]:
     return {"protocol": PROTOCOL_VERSION, "frames": frames}
 
 
-def ack(seqs: dict[str, list[int]]) -> dict[str, Any]:
-    """The server's answer once a batch is committed."""
-    return {"kind": "ack", "seqs": seqs}
+def ack(seqs: dict[str, list[int]], ranks: dict[str, dict[str, list[int]]] | None = None) -> dict[str, Any]:
+    """The server's answer once a batch is committed: rank 0's seqs (and those of frames without a
+    rank) by run, and, when the batch held any, the seqs of ranks > 0 by run and rank."""
+    return {"kind": "ack", "seqs": seqs, **({"ranks": ranks} if ranks else {})}
+
+
+def acked_seqs(message: dict[str, Any], run_id: str, rank: int | None = None) -> list[int]:
+    """The seqs an ack message commits for one sender: `run_id`'s frames of `rank` (None or 0: rank 0's)."""
+    if not rank:
+        return list((message.get("seqs") or {}).get(run_id, []))
+    return list(((message.get("ranks") or {}).get(run_id) or {}).get(str(rank), []))
+
+
+def rank_key(key: str, rank: int | None) -> str:
+    """The stored name of a scalar a rank logged: `key` for rank 0, "key/rank<r>" for a rank r > 0."""
+    return f"{key}/rank{rank}" if rank else key
+
+
+def key_rank(key: str) -> tuple[str, int]:
+    """`rank_key` undone: ("loss", 1) for "loss/rank1", (key, 0) for a key of rank 0."""
+    base, _, tail = key.rpartition("/rank")
+    if base and tail.isdigit() and str(int(tail)) == tail:
+        return base, int(tail)
+    return key, 0
 
 
 def error(text: str) -> dict[str, Any]:

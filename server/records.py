@@ -19,7 +19,8 @@ class UnknownRunError(ValueError):
 class IngestResult:
     """What one committed batch did: the seqs to ack and what the live push should announce."""
 
-    acked: dict[str, list[int]] = field(default_factory=dict)
+    acked: dict[str, list[int]] = field(default_factory=dict)  # rank 0's seqs by run
+    acked_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # a rank r > 0's, by run and rank
     changed_runs: list[str] = field(default_factory=list)
     # (run_id, key) -> (steps, values) of the points this batch stored, in arrival order.
     scalar_points: dict[tuple[str, str], tuple[list[int], list[float | None]]] = field(default_factory=dict)

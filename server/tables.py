@@ -87,13 +87,21 @@ class Scalar(Base):
     value: Mapped[float | None] = mapped_column(Double)
 
 
-class StepSignal(Base):
-    """The always-on signals of one optimizer step (`wire.SIGNAL_FIELDS`), one row per step."""
+class ReceivedRankFrame(Base):
+    """The idempotency ledger of the ranks r > 0 of a distributed run, each numbering its own frames:
+    a (run_id, rank, seq) here has been stored already. Rank 0's frames (and those of a process
+    outside any process group) are in `received_frames`, as before there were ranks."""
 
-    __tablename__ = "step_signals"
+    __tablename__ = "received_rank_frames"
 
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
-    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class SignalColumns:
+    """One column per `wire.SIGNAL_FIELDS` name: the always-on signals of one step of one process."""
+
     training: Mapped[bool | None] = mapped_column(Boolean)
     input_mean: Mapped[float | None] = mapped_column(Double)
     input_std: Mapped[float | None] = mapped_column(Double)
@@ -106,6 +114,27 @@ class StepSignal(Base):
     grads_stale: Mapped[bool | None] = mapped_column(Boolean)
     target_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
     skipped: Mapped[bool | None] = mapped_column(Boolean)  # newer than the table: db.py adds it to older databases
+
+
+class StepSignal(SignalColumns, Base):
+    """The always-on signals of one optimizer step (`wire.SIGNAL_FIELDS`), one row per step: rank 0's
+    in a distributed run (the only process otherwise)."""
+
+    __tablename__ = "step_signals"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class RankStepSignal(SignalColumns, Base):
+    """The signals of the ranks r > 0 of a distributed run: one row per (rank, step). Its inputs, outputs
+    and losses differ per rank (each has its own batch), so a NaN on one rank is seen there."""
+
+    __tablename__ = "rank_step_signals"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
 
 
 # Table options that only SQLite reads (other dialects ignore them).

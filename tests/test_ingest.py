@@ -222,3 +222,56 @@ def test_concurrent_clients_all_get_stored(client: TestClient, run_frames: Any) 
     runs = client.get("/api/runs").json()
     stored = sorted((r["id"], r["status"], r["last_step"]) for r in runs)
     assert stored == [(f"run-{i}", "finished", 7) for i in range(4)]
+
+
+def _ddp_frames(rank: int, steps: int, *, bad_input_at: int | None = None, nan_grads_at: int | None = None) -> list:
+    """One rank's frames of a 2-rank run "ddp": run_start, per step its loss and signals; no end."""
+    model = {"modules": [{"name": "", "type": "Net", "params": []}, {"name": "fc", "type": "Linear", "params": []}]}
+    start = {"name": "ddp", "project": "p", "time": 1.0, "model": model, "config": {"rank": rank, "world_size": 2}}
+    frames = [wire.frame("run_start", run_id="ddp", seq=0, step=0, rank=rank, **start)]
+    for step in range(steps):
+        values = {"loss": math.nan if step == bad_input_at else 1.0, **({"lr": 0.1} if rank == 0 else {})}
+        bad = step == bad_input_at
+        grads = ["fc.weight"] if nan_grads_at is not None and step >= nan_grads_at else []
+        frames += [
+            wire.frame("scalars", run_id="ddp", seq=0, step=step, rank=rank, values=values, time=1.0),
+            wire.frame("signals", run_id="ddp", seq=0, step=step, rank=rank, training=True,
+                       input_nonfinite=int(bad), output_nonfinite=bad, first_nonfinite="input" if bad else None,
+                       grad_norm=math.nan if grads else 1.0, nonfinite_grads=grads),
+        ]  # fmt: skip
+    return frames
+
+
+def _numbered(frames: list[dict[str, Any]], first: int = 0) -> list[dict[str, Any]]:
+    return [{**f, "seq": first + i} for i, f in enumerate(frames)]
+
+
+def test_a_nan_on_one_rank_is_judged_with_every_rank_s_data_and_names_it(client: TestClient, db_url: str) -> None:
+    """Rank 0 runs ahead of rank 1 (two connections): step 3 is judged only once rank 1's step 3 is in,
+    so the finding is rank 1's NaN input, not rank 0's all-reduced NaN gradients of the same step."""
+    rank0 = _numbered(_ddp_frames(0, steps=6, nan_grads_at=3))
+    rank1 = _numbered(_ddp_frames(1, steps=6, bad_input_at=3, nan_grads_at=3))
+    with client.websocket_connect("/ws/ingest") as ws0, client.websocket_connect("/ws/ingest") as ws1:
+        assert send(ws0, rank0) == wire.ack({"ddp": [f["seq"] for f in rank0]})
+        assert client.get("/api/runs/ddp/alerts").json() == []  # steps 0..4 wait for rank 1
+        assert send(ws1, rank1) == wire.ack({}, {"ddp": {"1": [f["seq"] for f in rank1]}})
+        end = {"status": "finished", "time": 2.0}
+        send(ws0, [wire.frame("run_end", run_id="ddp", seq=len(rank0), step=5, rank=0, **end)])
+        send(ws1, [wire.frame("run_end", run_id="ddp", seq=len(rank1), step=5, rank=1, **end)])
+    (alert,) = [a for a in client.get("/api/runs/ddp/alerts").json() if a["rule"] == "non_finite"]
+    evidence = alert["evidence"]
+    assert (alert["step"], alert["layer"], evidence["rank"], evidence["ranks"]) == (3, None, 1, [0, 1])
+    assert "in the input batch on rank 1" in alert["message"]
+    run = client.get("/api/runs/ddp").json()
+    assert (run["status"], run["config"]["rank"]) == ("finished", 0)
+    assert client.get("/api/runs/ddp/scalars", params={"key": "loss/rank1"}).json()["values"][3] is None
+
+    # A replay of the stored run (`layerwatch diagnose`) reads every rank's rows back: the same finding.
+    from layerwatch.server.db import make_engine, make_session_factory
+    from layerwatch.server.diagnosis.engine import diagnose_stored_run
+
+    engine = make_engine(db_url)
+    with make_session_factory(engine)() as session:
+        (replayed,) = [f for f, _, _ in diagnose_stored_run(session, run_id="ddp") if f.rule == "non_finite"]
+    engine.dispose()
+    assert (replayed.step, replayed.message) == (3, alert["message"])

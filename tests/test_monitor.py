@@ -285,3 +285,21 @@ def test_saturation_is_measured_for_saturating_activations_only() -> None:
     assert rows["3"][sat] == pytest.approx(expected_sigmoid, abs=0.05)
     assert rows["5"][sat] is None and rows["0"][sat] is None  # ReLU, Linear: does not apply
     mon.close()
+
+
+def test_attaching_to_a_data_parallel_wrapper_hooks_and_names_the_module_inside() -> None:
+    model, opt = make()
+    wrapped = nn.DataParallel(model)  # no GPU: it calls the module itself, as DDP's forward does
+    mon = monitor.attach(wrapped, opt, server=NOWHERE, every=1, close_timeout=0.1)
+    assert mon.model is model and monitor._attached.get(model) is mon
+    train(wrapped, opt, 2, mon)
+    (start,) = frames(mon, "run_start")
+    assert [m["name"] for m in start["model"]["modules"]][:2] == ["", "encoder"]
+    layers = {row[0] for f in frames(mon, "layer_stats") for row in f["rows"]}
+    assert "encoder.0" in layers and not any(name.startswith("module") for name in layers)
+    (signals, *_) = frames(mon, "signals")
+    assert signals["input_fingerprint"] and "rank" not in signals  # the inner module's hooks saw the batch
+    again = monitor.attach(model, opt, server=NOWHERE, every=1, close_timeout=0.1)  # the same model: replaces it
+    assert mon._closed and monitor._attached.get(model) is again
+    again.close()
+    assert all_hook_counts(model, opt) == 0

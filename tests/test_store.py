@@ -240,3 +240,67 @@ def test_a_database_from_an_older_version_gains_the_new_columns_and_keeps_its_ro
         run = store.get_run(session, run_id="old")
         assert run is not None and run.dropped == {"histograms": 1}
     engine.dispose()
+
+
+def _rank_frames(run_id: str, rank: int, steps: int, *, name: str = "ddp", loss: float = 1.0) -> list[dict[str, Any]]:
+    """What a rank r > 0 of a DDP run sends: its run_start (joining), loss and signals per step, its end."""
+    model = {"modules": [{"name": "fc", "type": "Linear", "params": []}]}
+    seq = iter(range(1000))
+    frames = [
+        wire.frame("run_start", run_id=run_id, seq=next(seq), step=0, rank=rank, name=name, project="proj",
+                   time=1.0, model=model, config={"rank": rank, "world_size": 2}),
+    ]  # fmt: skip
+    for step in range(steps):
+        frames.append(
+            wire.frame("scalars", run_id=run_id, seq=next(seq), step=step, rank=rank, values={"loss": loss}, time=2.0)
+        )
+        frames.append(wire.frame("signals", run_id=run_id, seq=next(seq), step=step, rank=rank, input_nonfinite=step))
+    frames.append(wire.frame("run_end", run_id=run_id, seq=next(seq), step=steps - 1, rank=rank, status="crashed",
+                             time=3.0, dropped={"histograms": 4}))  # fmt: skip
+    return frames
+
+
+def test_the_ranks_of_a_ddp_run_share_it_each_in_its_own_seq_space(session: Session, run_frames: Any) -> None:
+    # Rank 1 first: its run_start makes the run (nothing is refused or lost), rank 0's then describes it.
+    ranked = _rank_frames("d", 1, steps=2, loss=7.0)
+    result = store.ingest_batch(session, frames=ranked)
+    assert result.acked == {} and result.acked_ranks == {"d": {"1": [f["seq"] for f in ranked]}}
+    assert store.get_run(session, run_id="d").config == {"rank": 1, "world_size": 2}
+    rank0 = run_frames(run_id="d", steps=2)  # its seqs 0.. are rank 1's too: another sender
+    result = store.ingest_batch(session, frames=rank0)
+    assert result.stored_frames == len(rank0) and result.acked == {"d": [f["seq"] for f in rank0]}
+    # Replays of either rank store nothing twice; rank 1's run_start again changes nothing.
+    again = store.ingest_batch(session, frames=ranked[:3] + rank0[:2])
+    assert (again.stored_frames, again.replayed_frames) == (0, 5)
+    run = store.get_run(session, run_id="d")
+    assert run is not None and (run.name, run.model["modules"][0]["name"], run.config) == ("demo", "encoder", None)
+    # Rank 0 ends the run (rank 1's "crashed" is its own); each rank's drops are kept apart.
+    assert (run.status, run.last_loss, run.dropped) == ("finished", 2.0 / 2, {"histograms/rank1": 4})
+    assert store.scalar_series(session, run_id="d", key="loss/rank1") == ([0, 1], [7.0, 7.0])
+    assert store.scalar_series(session, run_id="d", key="loss") == ([0, 1], [2.0, 1.0])
+    steps = store.read_steps(session, run_id="d", start=0, stop=2)
+    assert [steps[s][3] for s in (0, 1)] == [{1: {"input_nonfinite": 0}}, {1: {"input_nonfinite": 1}}]
+    assert steps[1][1]["grad_norm"] == 0.5  # rank 0's signals where they always were
+    beat = wire.frame("heartbeat", run_id="d", seq=500, step=1, time=9.0, dropped={"scalars": 1})
+    store.ingest_batch(session, frames=[beat])
+    assert store.get_run(session, run_id="d").dropped == {"histograms/rank1": 4, "scalars": 1}
+
+
+def test_a_database_from_before_ranks_gains_their_tables_and_keeps_its_runs(db_url: str, run_frames: Any) -> None:
+    engine = make_engine(db_url)
+    init_db(engine)
+    with make_session_factory(engine)() as session:
+        store.ingest_batch(session, frames=run_frames(run_id="old", steps=2))
+    with engine.begin() as connection:  # as a database written before distributed runs
+        connection.execute(text("DROP TABLE received_rank_frames"))
+        connection.execute(text("DROP TABLE rank_step_signals"))
+    engine.dispose()
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    with make_session_factory(engine)() as session:
+        assert store.get_run(session, run_id="old").status == "finished"
+        result = store.ingest_batch(session, frames=_rank_frames("old", 1, steps=1))
+        assert result.stored_frames == 4
+        assert store.read_steps(session, run_id="old", start=0, stop=1)[0][3] == {1: {"input_nonfinite": 0}}
+    engine.dispose()

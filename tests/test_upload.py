@@ -102,3 +102,28 @@ def test_a_path_that_is_not_a_folder_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     done = upload(str(missing), "--server", "http://127.0.0.1:9")
     assert done.returncode == 2 and f"{str(missing)!r} is not a folder" in done.stderr
+
+
+def test_each_rank_of_a_ddp_run_spools_apart_and_uploads_under_its_rank(tmp_path: Path) -> None:
+    from client_hook.sending.sender import Frame, Sender
+
+    spool_dir = tmp_path / "spool"
+    port = free_port()
+    for rank in (0, 1):  # two ranks on one host, one spool folder, the server away
+        sender = Sender(server=f"http://127.0.0.1:{port}", run_id="ddp-run", rank=rank, spool_dir=spool_dir)
+        config = {"rank": rank, "world_size": 2}
+        sender.submit(Frame("run_start", 0, name="ddp", project="p", time=1.0, model={"modules": []}, config=config))
+        for step in range(3):
+            sender.submit(Frame("scalars", step, values={"loss": float(rank)}, time=1.0))
+        sender.submit(Frame("run_end", 2, status="finished", time=2.0))
+        assert sender.close(0.3) == 5
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["ddp-run", "ddp-run.rank1"]
+
+    with serve(tmp_path / "later.db", port=port) as url:
+        done = upload(str(spool_dir), "--server", url)
+        assert done.returncode == 0, done.stderr
+        assert list(spool_dir.iterdir()) == []
+        assert series(url, "ddp-run", "scalars", key="loss")["values"] == [0.0] * 3
+        assert series(url, "ddp-run", "scalars", key="loss/rank1")["values"] == [1.0] * 3
+        run = httpx.get(f"{url}/api/runs/ddp-run").json()
+        assert (run["status"], run["config"]["rank"]) == ("finished", 0)

@@ -87,3 +87,36 @@ def test_bad_frames_are_rejected_naming_field_and_value(
 def test_bad_envelopes_are_rejected(message: Any, expected: str) -> None:
     with pytest.raises(wire.SchemaError, match=expected.replace("(", r"\(")):
         wire.validate_batch(message)
+
+
+def test_a_rank_of_a_distributed_run_is_checked_and_sends_only_what_differs_per_rank(run_frames: Any) -> None:
+    frames = run_frames(steps=1, findings=True)
+    for f in frames:
+        wire.validate_frame({**f, "rank": 0})  # rank 0 may send every kind
+    for f in frames:
+        ranked = {**f, "rank": 3}
+        if f["kind"] in wire.RANK_KINDS:
+            assert wire.validate_frame(ranked) is ranked
+        else:
+            expected = rf"'{f['kind']}' frames come from rank 0 only .* but got rank 3"
+            with pytest.raises(wire.SchemaError, match=expected):
+                wire.validate_frame(ranked)
+    for bad in ("1", -1, True, 1.0, wire.MAX_RANK + 1):
+        with pytest.raises(wire.SchemaError, match=r"field 'rank' must be a process rank: an integer from 0 to"):
+            wire.validate_frame({**frames[1], "rank": bad})
+    assert wire.frame("heartbeat", run_id="r", seq=0, step=0, time=1.0) == wire.frame(
+        "heartbeat", run_id="r", seq=0, step=0, rank=None, time=1.0
+    )
+    assert wire.frame("heartbeat", run_id="r", seq=0, step=0, rank=2, time=1.0)["rank"] == 2
+
+
+def test_acks_and_scalar_keys_per_rank() -> None:
+    message = wire.ack({"r": [0, 1]}, {"r": {"2": [5]}})
+    assert wire.acked_seqs(message, "r") == wire.acked_seqs(message, "r", 0) == [0, 1]
+    assert wire.acked_seqs(message, "r", 2) == [5] and wire.acked_seqs(message, "r", 1) == []
+    assert wire.ack({"r": [0]}) == {"kind": "ack", "seqs": {"r": [0]}}  # as before there were ranks
+    assert [wire.rank_key("loss", r) for r in (None, 0, 1)] == ["loss", "loss", "loss/rank1"]
+    for key in ("loss", "loss/rank1", "lr/1", "a/rank", "a/rank01", "val/loss/rank12"):
+        base, rank = wire.key_rank(key)
+        assert wire.rank_key(base, rank) == key
+    assert wire.key_rank("val/loss/rank12") == ("val/loss", 12) and wire.key_rank("a/rank01") == ("a/rank01", 0)

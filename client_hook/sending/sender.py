@@ -88,6 +88,7 @@ class Sender:
         *,
         server: str,
         run_id: str,
+        rank: int | None = None,
         token: str | None = None,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
         max_queue: int = 10_000,
@@ -106,6 +107,8 @@ class Sender:
         )
         self.url = transport.ingest_url(server)
         self.run_id = run_id
+        # A process of a distributed training: its frames carry its rank and are numbered in its own seq space.
+        self.rank = rank
         self._token = token
         self._on_alert = on_alert
         self._queue: deque[Item] = deque()
@@ -118,8 +121,10 @@ class Sender:
             except OSError as exc:  # no private folder to be had: memory only, never an error in attach
                 log.warning("layerwatch: no spool on disk for this run (%s); frames wait in memory only", exc)
                 spool_max_bytes = 0
-        # Where this run's frames go on disk (None: no spool, memory only).
-        self.spool_path = Path(spool_dir) / run_id if spool_dir is not None else None
+        # Where this run's frames go on disk (None: no spool, memory only); the ranks > 0 of one
+        # distributed run (often on one host, one spool folder) each in a folder of their own.
+        folder = f"{run_id}.rank{rank}" if rank else run_id
+        self.spool_path = Path(spool_dir) / folder if spool_dir is not None else None
         spool = Spool(self.spool_path, spool_max_bytes, self._count_drops) if spool_max_bytes else None
         # What waits for an ack: memory up to the caps, then the spool, then shed.
         self.pending = Pending(
@@ -271,7 +276,7 @@ class Sender:
     def _number(self, kind: str, step: int, fields: dict[str, Any]) -> None:
         """Give a frame the run's next seq, encode it once and hold it until acked."""
         seq = next(self._seq)
-        entry = encode(wire.frame(kind, run_id=self.run_id, seq=seq, step=step, **fields))
+        entry = encode(wire.frame(kind, run_id=self.run_id, seq=seq, step=step, rank=self.rank, **fields))
         if kind == "run_start":
             self._run_start = entry
             if self.pending.spool is not None:
@@ -333,6 +338,7 @@ class Sender:
                 entries,
                 self.run_id,
                 timeout=ACK_TIMEOUT_S,
+                rank=self.rank,
                 on_alert=self._alert,
                 stop=self._abandon.is_set,
                 on_other=lambda kind: self._warn_once(

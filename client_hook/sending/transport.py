@@ -84,11 +84,12 @@ def send_batch(
     run_id: str,
     *,
     timeout: float,
+    rank: int | None = None,
     on_alert: Callable[[dict[str, Any]], None] | None = None,
     stop: Callable[[], bool] | None = None,
     on_other: Callable[[str | None], None] | None = None,
 ) -> list[int]:
-    """Send one batch and wait for its ack: the seqs of `run_id` the server committed.
+    """Send one batch and wait for its ack: the seqs of `run_id` (of `rank`, for a rank > 0) the server committed.
 
     Raises TimeoutError (no ack within `timeout` s), Rejected (the server's
     `error`), ConnectionAbortedError (`stop()` became true while waiting) or the
@@ -109,7 +110,7 @@ def send_batch(
             continue
         kind = message.get("kind")
         if kind == "ack":
-            return list(message.get("seqs", {}).get(run_id, []))
+            return wire.acked_seqs(message, run_id, rank)
         if kind == "error":
             raise Rejected(str(message.get("error")))
         if kind == "alert":

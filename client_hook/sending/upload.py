@@ -78,6 +78,10 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
     if len(run_ids) != 1:
         raise UploadError(f"{str(directory)!r} mixes frames of several runs: {sorted(run_ids)}")
     run_id = run_ids.pop()
+    ranks = {json.loads(e.text).get("rank") or 0 for e in entries}  # a rank > 0 of a DDP run spools apart
+    if len(ranks) != 1:
+        raise UploadError(f"{str(directory)!r} mixes frames of several ranks: {sorted(ranks)}")
+    rank = ranks.pop()
     url = transport.ingest_url(server)
     try:
         ws = transport.open_ingest(url, token)
@@ -85,7 +89,7 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
         raise UploadError(f"cannot reach {url} ({exc}); the frames stay in {str(directory)!r}") from None
     try:
         for batch in transport.batches(entries):
-            _deliver(ws, batch, run_id, url)
+            _deliver(ws, batch, run_id, url, rank)
     finally:
         ws.close()
     for path in [*directory.glob(f"*{SUFFIX}"), directory / RUN_START_FILE]:
@@ -98,10 +102,10 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
     return Uploaded(run_id, directory, len(entries), (min(steps), max(steps)), skipped)
 
 
-def _deliver(ws: object, batch: list[Entry], run_id: str, url: str) -> None:
+def _deliver(ws: object, batch: list[Entry], run_id: str, url: str, rank: int = 0) -> None:
     """Send one batch; return once every frame of it is acknowledged (alerts on the way are skipped)."""
     try:
-        acked = transport.send_batch(ws, batch, run_id, timeout=ACK_TIMEOUT_S)
+        acked = transport.send_batch(ws, batch, run_id, timeout=ACK_TIMEOUT_S, rank=rank)
     except TimeoutError:
         raise UploadError(f"{url} sent no ack for run {run_id!r} within {ACK_TIMEOUT_S:g} s") from None
     except transport.Rejected as exc:

@@ -103,3 +103,18 @@ class Schedule:
 
 def _average(current: float | None, new: float) -> float:
     return new if current is None else (1 - _SMOOTHING) * current + _SMOOTHING * new
+
+
+class NoSamples(Schedule):
+    """Never samples: a rank > 0 of a distributed training, whose gradients (all-reduced) and weights are
+    rank 0's, sends no per-layer statistics; its always-on signals and loss still go every step."""
+
+    def __init__(self) -> None:
+        super().__init__(EVERY_MAX)
+
+    def is_due(self, step: int) -> bool:
+        return False
+
+    @property
+    def mode(self) -> str:
+        return "off (rank 0 samples)"

@@ -19,12 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-# Wrappers that hold the user's model as an attribute, by class name (no import of their packages).
-_MODEL_WRAPPERS: tuple[tuple[str, str], ...] = (
-    ("OptimizedModule", "_orig_mod"),
-    ("DistributedDataParallel", "module"),
-    ("DataParallel", "module"),
-)
+# Wrappers whose layers are their `.module`'s: hooked and named as the module itself, so names
+# carry no "module." prefix. The forward still goes through the wrapper, which calls `.module`:
+# hooks on `.module` see the input batch as the model gets it (DDP has moved it to the device by
+# then), and a replayed forward (signals' non-finite localisation) runs `.module` on one rank
+# alone, never the wrapper's collectives (DDP syncs buffers at the start of its forward).
+PARALLEL_WRAPPERS: tuple[type[nn.Module], ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+# torch.compile's wrapper, by class name: importing torch._dynamo to name it would cost every attach.
+_COMPILED = "OptimizedModule"
 # Attributes under which optimizer wrappers keep the optimizer they wrap: Lightning, then
 # accelerate / transformers / DeepSpeed-style wrappers. Not `optim`: ZeroRedundancyOptimizer keeps
 # its rank's shard optimizer there, which sees only part of the parameters.
@@ -34,15 +36,28 @@ _MAX_DEPTH = 8  # wrappers of wrappers; a cycle of attributes must not loop fore
 
 def _inner_model(model: nn.Module) -> nn.Module | None:
     """The module one wrapper holds, or None when `model` is no wrapper."""
-    for cls_name, attr in _MODEL_WRAPPERS:
-        inner = getattr(model, attr, None) if type(model).__name__ == cls_name else None
-        if isinstance(inner, nn.Module):
-            return inner
-    return None
+    if isinstance(model, PARALLEL_WRAPPERS):
+        return model.module
+    inner = getattr(model, "_orig_mod", None) if type(model).__name__ == _COMPILED else None
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module a (DistributedDataParallel, DataParallel) wrapper trains, else `model` itself.
+
+    `attach` monitors that module: the training's forward reaches it through the wrapper.
+    """
+    while isinstance(model, PARALLEL_WRAPPERS):
+        model = model.module
+    return model
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's own module inside torch.compile's and DDP's wrappers (any nesting), else `model`."""
+    """The user's own module inside torch.compile's and DDP's wrappers (any nesting), else `model`.
+
+    Layers are named and hooked on it; a compiled model's top-level hooks stay on the compiled
+    wrapper, which runs them eagerly, outside the graph.
+    """
     inner = _inner_model(model)
     while inner is not None:
         model, inner = inner, _inner_model(inner)
@@ -54,7 +69,7 @@ def is_compiled(model: nn.Module) -> bool:
     in place, which sets `_compiled_call_impl`)."""
     current: nn.Module | None = model
     while current is not None:
-        if type(current).__name__ == "OptimizedModule" or getattr(current, "_compiled_call_impl", None) is not None:
+        if type(current).__name__ == _COMPILED or getattr(current, "_compiled_call_impl", None) is not None:
             return True
         current = _inner_model(current)
     return False

@@ -3,7 +3,10 @@
 Live: ingest hands the engine the frames it just committed; the engine adds
 them to the run's history and evaluates every step that is complete (all steps
 before the newest one; at run_end, all), in step order, so the cost of a batch
-depends on its steps and the rules' windows, not on the run's length. Findings
+depends on its steps and the rules' windows, not on the run's length. A
+distributed run's ranks send over connections of their own: a step is
+evaluated once every rank has sent a later one (or ended; `RunHistory.complete_upto`),
+so a rule sees each rank's data of the step. Findings
 become alerts through `store.upsert_alert` (one per run, rule and layer).
 
 Replay (`diagnose`, and rebuilding a run's history after a server restart)
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -31,6 +34,8 @@ from layerwatch.server.records import Finding
 
 log = logging.getLogger(__name__)
 
+MAX_DONE = 1000  # finished runs remembered, so the ranks' frames that trail a run's end are not re-diagnosed
+
 
 class RunDiagnosis:
     """One run's history, each rule's state, and how far the rules have looked."""
@@ -39,12 +44,13 @@ class RunDiagnosis:
         self.history = RunHistory(run_id, model, optimizer, config)
         self.states: dict[str, dict[str, Any]] = {rule.RULE_ID: {} for rule in RULES}
         self.evaluated_upto = -1
-        self.last_seq = -1  # frames at or below it were fed already (a client replaying after a lost ack)
+        # Per rank, frames at or below it were fed already (a client replaying after a lost ack).
+        self.last_seq: dict[int, int] = {}
         self._broken: set[str] = set()
 
     def evaluate(self) -> list[Finding]:
         """Run every rule on each step not evaluated yet that can no longer receive data."""
-        last = self.history.max_step if self.history.finished else self.history.max_step - 1
+        last = self.history.complete_upto()
         steps = [s for s in self.history.records if self.evaluated_upto < s <= last]
         findings: list[Finding] = []
         for step in steps:
@@ -87,6 +93,7 @@ class Engine:
 
     def __init__(self) -> None:
         self._runs: dict[str, RunDiagnosis] = {}
+        self._done: OrderedDict[str, None] = OrderedDict()  # runs diagnosed to their end, the latest MAX_DONE
 
     def process(self, session: Session, frames: list[dict[str, Any]]) -> list[tuple[store.AlertInfo, str]]:
         """Feed newly stored frames, evaluate, upsert alerts, commit; return the alerts that changed."""
@@ -98,15 +105,21 @@ class Engine:
         for run_id, run_frames in by_run.items():
             diagnosis = self._runs.get(run_id)
             if diagnosis is None:
+                if run_id in self._done and all(f.get("rank") for f in run_frames):
+                    continue  # another rank's last frames (its end) after the run was diagnosed to its end
                 diagnosis = self._runs[run_id] = self._resume(session, run_id, run_frames)
-            for frame in sorted(run_frames, key=lambda f: f["seq"]):
-                if frame["seq"] > diagnosis.last_seq:
+            for frame in sorted(run_frames, key=lambda f: (f.get("rank") or 0, f["seq"])):
+                rank = frame.get("rank") or 0
+                if frame["seq"] > diagnosis.last_seq.get(rank, -1):
                     diagnosis.history.add_frame(frame)
-                    diagnosis.last_seq = frame["seq"]
+                    diagnosis.last_seq[rank] = frame["seq"]
             for finding, _times, first in merge(diagnosis.evaluate()):
                 changes.append(alerting.raise_alert(session, run_id=run_id, finding=finding, now=now, first_step=first))
             if diagnosis.history.finished:
                 del self._runs[run_id]  # a finished run needs no live state
+                self._done[run_id] = None
+                while len(self._done) > MAX_DONE:
+                    self._done.popitem(last=False)
         session.commit()
         return changes
 

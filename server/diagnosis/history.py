@@ -5,6 +5,12 @@ database (replay), so a rule sees the same data either way: rules may only use
 what is stored. Memory is bounded per run: the last MAX_STEPS steps and the
 last MAX_SAMPLES sampled steps; what a rule needs from further back it keeps
 in its own state.
+
+A distributed run has a sender per rank: rank 0's scalars, signals and layer
+statistics fill a step as a single process's would; a rank r > 0's scalars are
+there under `wire.rank_key` ("loss/rank1") and its signals in `rank_signals[r]`.
+A step is complete (`complete_upto`) once every rank has sent a later one or
+ended, so a rule judges a step with every rank's data in it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from client_hook import wire
 
 MAX_STEPS = 1000  # steps of scalars and signals kept per run
 MAX_SAMPLES = 50  # sampled steps of per-layer statistics kept per run
+# A rank this many steps behind the newest step holds the others' diagnosis up no longer (its sender
+# is away, or it stopped reporting): what it sends later for steps already judged is seen by a replay
+# (`layerwatch diagnose`). DDP's ranks step together, so healthy ones are a batch window apart at most.
+RANK_LAG_STEPS = 100
 # The per-layer statistics the rules read (of wire.LAYER_STAT_COLUMNS), kept compact.
 KEPT_STATS: tuple[str, ...] = wire.LAYER_STATS
 
@@ -67,6 +77,7 @@ class StepRecord:
     scalars: dict[str, float] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
     stats: dict[SeriesKey, StatRow] | None = None
+    rank_signals: dict[int, dict[str, Any]] = field(default_factory=dict)  # ranks r > 0 of a distributed run
 
     def stat(self, layer: str, param: str, kind: str, name: str) -> float | None:
         row = (self.stats or {}).get((layer, param, kind))
@@ -90,6 +101,9 @@ class RunHistory:
         self.samples: deque[StepRecord] = deque(maxlen=MAX_SAMPLES)
         self.max_step = -1
         self.finished = False
+        self.rank_steps: dict[int, int] = {}  # the newest step each rank sent something for
+        self.ended: set[int] = set()  # the ranks whose run_end came
+        self.wait_for_ranks = True  # live; a replay has every rank's rows of a step at once
 
     def describe(
         self, model: dict[str, Any] | None, optimizer: dict[str, Any] | None, config: dict[str, Any] | None
@@ -97,6 +111,32 @@ class RunHistory:
         self.model = model or {"modules": []}
         self.optimizer = optimizer
         self.config = config or {}
+
+    @property
+    def world_size(self) -> int:
+        """The ranks of a distributed run, as its run_start's config says (1 for a single process)."""
+        world = self.config.get("world_size")
+        return world if isinstance(world, int) and not isinstance(world, bool) and world > 1 else 1
+
+    def complete_upto(self) -> int:
+        """The newest step no more data can arrive for: before the newest step (all of them once the run
+        ended), and before the newest step of each rank still sending, within RANK_LAG_STEPS."""
+        if self.finished:
+            return self.max_step
+        last = self.max_step - 1
+        if self.wait_for_ranks and self.world_size > 1:
+            for rank in range(self.world_size):
+                if rank not in self.ended:
+                    last = min(last, self.rank_steps.get(rank, -1) - 1)
+            last = max(last, self.max_step - RANK_LAG_STEPS)
+        return last
+
+    def _all_ended(self) -> bool:
+        """Rank 0 ended, and every other rank ended or has sent rank 0's last step (its end may be on its way)."""
+        if 0 not in self.ended:
+            return False
+        end = self.rank_steps.get(0, self.max_step)
+        return all(r in self.ended or self.rank_steps.get(r, -1) >= end for r in range(1, self.world_size))
 
     def record(self, step: int) -> StepRecord:
         rec = self.records.get(step)
@@ -116,6 +156,11 @@ class RunHistory:
     def add_signals(self, step: int, signals: dict[str, Any]) -> None:
         self.record(step).signals.update({k: v for k, v in signals.items() if k in wire.SIGNAL_FIELDS})
 
+    def add_rank_signals(self, step: int, rank: int, signals: dict[str, Any]) -> None:
+        """The signals of a rank r > 0 of a distributed run."""
+        kept = self.record(step).rank_signals.setdefault(rank, {})
+        kept.update({k: v for k, v in signals.items() if k in wire.SIGNAL_FIELDS})
+
     def add_stats(self, step: int, rows: list[Sequence[Any]]) -> None:
         """Rows as lists in wire.LAYER_STAT_COLUMNS order (as the wire has them)."""
         rec = self.record(step)
@@ -128,15 +173,22 @@ class RunHistory:
             rec.stats[(row[_LAYER], row[_PARAM], row[_KIND])] = StatRow(row)
 
     def add_frame(self, frame: dict[str, Any]) -> None:
-        """One validated wire frame, as ingest stored it."""
-        kind, step = frame["kind"], frame["step"]
+        """One validated wire frame, as ingest stored it (a rank r > 0's as ingest stored it too)."""
+        kind, step, rank = frame["kind"], frame["step"], frame.get("rank") or 0
+        self.rank_steps[rank] = max(self.rank_steps.get(rank, -1), step)
         if kind == "run_start":
-            self.describe(frame.get("model"), frame.get("optimizer"), frame.get("config"))
+            if rank == 0 or not self.model.get("modules"):  # another rank's describes the run until rank 0's
+                self.describe(frame.get("model"), frame.get("optimizer"), frame.get("config"))
         elif kind == "scalars":
-            self.add_scalars(step, frame["values"])
+            self.add_scalars(step, {wire.rank_key(k, rank): v for k, v in frame["values"].items()})
         elif kind == "signals":
-            self.add_signals(step, frame)
+            if rank == 0:
+                self.add_signals(step, frame)
+            else:
+                self.add_rank_signals(step, rank, frame)
         elif kind == "layer_stats":
             self.add_stats(step, frame["rows"])
         elif kind == "run_end":
-            self.finished = True
+            self.ended.add(rank)
+        if self.ended:
+            self.finished = self._all_ended()

@@ -167,13 +167,14 @@ async def ingest(websocket: WebSocket) -> None:
             for alert, change in result.alerts:
                 # Back to the training process, which logs it once and calls on_alert. Findings
                 # the client made itself (preflight) are not echoed.
-                if change in (store.ALERT_NEW, store.ALERT_ESCALATED) and alert.run_id in result.acked:
+                sent = alert.run_id in result.acked or alert.run_id in result.acked_ranks
+                if change in (store.ALERT_NEW, store.ALERT_ESCALATED) and sent:
                     if (alert.evidence or {}).get("source") != "preflight":
                         public = alert_event(alert)["alert"]
                         await websocket.send_json({"kind": "alert", "alert": {**public, "run_id": alert.run_id}})
             # After the alerts: the client reads up to the ack, so it sees them before it sends on
             # (and, at close, before it hangs up). Everything was committed before either.
-            await websocket.send_json(wire.ack(result.acked))
+            await websocket.send_json(wire.ack(result.acked, result.acked_ranks))
         except WebSocketDisconnect:
             # The client left, or the server is stopping (SIGTERM closes every socket with 1012 and
             # lets the commit in flight finish): no ack, so the client replays it, and is stored once.

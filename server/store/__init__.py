@@ -1,10 +1,10 @@
 """Storage: the data functions over the tables, by concern, and all of the server's SQL.
 
-    writes.py   ingest_batch: one client batch, one transaction, idempotent per (run, seq)
+    writes.py   ingest_batch: one client batch, one transaction, idempotent per (run, rank, seq)
     runs.py     run rows: the runs list, one run, projects, scalar keys, stored series, mark_crashed
     series.py   scalar / heatmap / layer / histogram series, downsampled through the rollups
     rollup.py   the step rollups: kept current by writes.py, read by series.py, filled at init_db
-    steps.py    a stored run read back by step, for the diagnosis replay: stored_run, read_steps
+    steps.py    a stored run read back by step (every rank's signals), for the diagnosis replay
     alerts.py   one alert per (run, rule, layer): upsert_alert, list_alerts
     codec.py    histogram bin counts packed as one blob per row
 

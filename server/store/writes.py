@@ -1,4 +1,11 @@
-"""The write path: `ingest_batch` stores one client batch in one transaction (idempotent per (run, seq)).
+"""The write path: `ingest_batch` stores one client batch in one transaction (idempotent per (run, rank, seq)).
+
+A distributed run has one sender per rank, each numbering its frames from 0: rank 0's (and a
+process's outside any process group) are keyed (run, seq) in `received_frames`, a rank r > 0's
+(run, rank, seq) in `received_rank_frames`. A rank r > 0 stores what differs per rank: its
+scalars under `wire.rank_key` ("loss/rank1"), its signals in `rank_step_signals`; its run_start
+creates the run if rank 0's has not come yet (rank 0's then replaces that description) and
+otherwise changes nothing, and its run_end leaves the run's status to rank 0.
 
 Upserts use the INSERT ... ON CONFLICT form that SQLite and PostgreSQL share, so the same code
 runs on both; on SQLite the per-layer rows (most of a batch) skip SQLAlchemy's per-row work and
@@ -28,7 +35,17 @@ from layerwatch.server.records import (
 from layerwatch.server.store import rollup
 from layerwatch.server.store.alerts import upsert_alert
 from layerwatch.server.store.codec import pack_counts
-from layerwatch.server.tables import Histogram, LayerStat, Project, ReceivedFrame, Run, Scalar, StepSignal
+from layerwatch.server.tables import (
+    Histogram,
+    LayerStat,
+    Project,
+    RankStepSignal,
+    ReceivedFrame,
+    ReceivedRankFrame,
+    Run,
+    Scalar,
+    StepSignal,
+)
 
 
 class RaiseAlert(Protocol):
@@ -53,7 +70,7 @@ def ingest_batch(
     `alerting.raise_alert`, which also queues the webhooks; the default writes the
     alert row only.
 
-    A frame whose (run_id, seq) was stored before is skipped but acked again,
+    A frame whose (run_id, rank, seq) was stored before is skipped but acked again,
     so a client that replays after a lost ack stores nothing twice. Any error
     rolls the whole batch back: nothing partial is stored.
     """
@@ -68,31 +85,34 @@ def ingest_batch(
 
 def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_alert: RaiseAlert) -> IngestResult:
     result = IngestResult()
-    seqs_by_run: dict[str, list[int]] = defaultdict(list)
+    # Per sender: (run_id, rank), rank 0 for a frame without one.
+    seqs_by_sender: dict[tuple[str, int], list[int]] = defaultdict(list)
     for f in frames:
-        if f["seq"] not in seqs_by_run[f["run_id"]]:
-            seqs_by_run[f["run_id"]].append(f["seq"])
-    result.acked = {run_id: list(seqs) for run_id, seqs in seqs_by_run.items()}
+        sender = (f["run_id"], f.get("rank") or 0)
+        if f["seq"] not in seqs_by_sender[sender]:
+            seqs_by_sender[sender].append(f["seq"])
+    for (run_id, rank), seqs in seqs_by_sender.items():
+        if rank == 0:
+            result.acked[run_id] = list(seqs)
+        else:
+            result.acked_ranks.setdefault(run_id, {})[str(rank)] = list(seqs)
 
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int, int]] = set()
     runs: dict[str, Run | None] = {}
-    for run_id, seqs in seqs_by_run.items():
-        runs[run_id] = session.get(Run, run_id)
-        # A range, not an IN list: no bound-parameter limit however long the batch.
-        stored = session.scalars(
-            select(ReceivedFrame.seq).where(
-                ReceivedFrame.run_id == run_id, ReceivedFrame.seq >= min(seqs), ReceivedFrame.seq <= max(seqs)
-            )
-        )
-        seen.update((run_id, seq) for seq in stored)
+    for (run_id, rank), seqs in seqs_by_sender.items():
+        if run_id not in runs:
+            runs[run_id] = session.get(Run, run_id)
+        seen.update((run_id, rank, seq) for seq in _stored_seqs(session, run_id, rank, min(seqs), max(seqs)))
 
     projects: dict[str, Project] = {}
     ledger: list[dict[str, Any]] = []
+    rank_ledger: list[dict[str, Any]] = []
     scalars: dict[tuple[str, str, int], dict[str, Any]] = {}
     # Rows as tuples in table column order, in arrival order (a later row replaces an earlier one).
     stats: list[tuple[Any, ...]] = []
     hists: list[tuple[Any, ...]] = []
     signals: dict[tuple[str, int], dict[str, Any]] = {}
+    rank_signals: dict[tuple[str, int, int], dict[str, Any]] = {}
     findings: list[tuple[str, Finding]] = []
     changed: dict[str, None] = {}  # an ordered set
     stat_steps: dict[str, set[int]] = defaultdict(set)
@@ -101,12 +121,14 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_al
 
     for f in frames:
         run_id, seq, step, kind = f["run_id"], f["seq"], f["step"], f["kind"]
-        if (run_id, seq) in seen:
+        rank = f.get("rank") or 0
+        if (run_id, rank, seq) in seen:
             result.replayed_frames += 1
             continue
-        seen.add((run_id, seq))
+        seen.add((run_id, rank, seq))
 
-        if kind == "run_start":
+        # A rank r > 0's run_start joins the run: it describes the run only until rank 0's comes.
+        if kind == "run_start" and (rank == 0 or runs.get(run_id) is None):
             runs[run_id] = _start_run(session, runs.get(run_id), f, projects, now)
         run = runs.get(run_id)
         if run is None:
@@ -114,16 +136,20 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_al
 
         if kind == "scalars":
             for key, value in f["values"].items():
+                key = wire.rank_key(key, rank)
                 scalars[(run_id, key, step)] = {"run_id": run_id, "key": key, "step": step, "value": value}
                 steps, values = result.scalar_points.setdefault((run_id, key), ([], []))
                 steps.append(step)
                 values.append(value)
                 rolled[(rollup.SCALARS, run_id, (("key", key),))].add(step)
-            if "loss" in f["values"]:
+            if "loss" in f["values"] and rank == 0:
                 run.last_loss = f["values"]["loss"]
             _advance(run, step)
         elif kind == "signals":
-            row = signals.setdefault((run_id, step), {"run_id": run_id, "step": step})
+            if rank == 0:
+                row = signals.setdefault((run_id, step), {"run_id": run_id, "step": step})
+            else:
+                row = rank_signals.setdefault((run_id, rank, step), {"run_id": run_id, "rank": rank, "step": step})
             row.update({name: f[name] for name in wire.SIGNAL_FIELDS if name in f})
             _advance(run, step)
         elif kind == "findings":
@@ -144,19 +170,23 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_al
             stat_steps[run_id].add(step)
             _advance(run, step)
         elif kind == "run_end":
-            run.status = f["status"]
-            run.finished_at = f["time"]
+            if rank == 0:  # the run ends with rank 0; another rank's end is its own
+                run.status = f["status"]
+                run.finished_at = f["time"]
         elif kind not in ("run_start", "heartbeat"):  # those two only touch the run row
             # A kind wire.py accepts but nothing here stores (see wire's checklist for a new kind).
             raise ValueError(f"the store has no rows for frame kind {kind!r}")
         if f.get("dropped"):  # heartbeat, run_end: the client's running totals
-            run.dropped = dict(f["dropped"])
+            run.dropped = _merge_drops(run.dropped, f["dropped"], rank)
         if kind != "run_end" and run.status == "crashed":
             run.status = "running"  # it was only silent (a long stall, a network outage)
 
         run.updated_at = now
         changed[run_id] = None
-        ledger.append({"run_id": run_id, "seq": seq})
+        if rank == 0:
+            ledger.append({"run_id": run_id, "seq": seq})
+        else:
+            rank_ledger.append({"run_id": run_id, "rank": rank, "seq": seq})
         result.stored_frames += 1
 
     # The run rows must exist before rows that reference them.
@@ -165,10 +195,13 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_al
     previous = {key: rollup.newest_step(session, key[0], key[1], dict(key[2])) for key in rolled}
     if ledger:
         session.execute(insert(ReceivedFrame.__table__), ledger)
+    if rank_ledger:
+        session.execute(insert(ReceivedRankFrame.__table__), rank_ledger)
     _upsert(session, Scalar.__table__, list(scalars.values()))
     _upsert_tuples(session, LayerStat.__table__, stats)
     _upsert_tuples(session, Histogram.__table__, hists)
     _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
+    _upsert(session, RankStepSignal.__table__, _full_rows(rank_signals.values(), wire.SIGNAL_FIELDS))
     for (spec, run_id, part), steps in rolled.items():
         previous_step = previous[(spec, run_id, part)]
         rollup.roll_up(session, spec, run_id=run_id, partition=dict(part), steps=steps, previous=previous_step)
@@ -177,6 +210,33 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_al
     result.changed_runs = list(changed)
     result.stat_steps = {run_id: sorted(steps) for run_id, steps in stat_steps.items()}
     return result
+
+
+def _stored_seqs(session: Session, run_id: str, rank: int, low: int, high: int) -> Iterable[int]:
+    """The seqs in [low, high] of one sender of `run_id` stored before: rank 0's ledger, or a rank's own."""
+    # A range, not an IN list: no bound-parameter limit however long the batch.
+    if rank == 0:
+        return session.scalars(
+            select(ReceivedFrame.seq).where(
+                ReceivedFrame.run_id == run_id, ReceivedFrame.seq >= low, ReceivedFrame.seq <= high
+            )
+        )
+    return session.scalars(
+        select(ReceivedRankFrame.seq).where(
+            ReceivedRankFrame.run_id == run_id,
+            ReceivedRankFrame.rank == rank,
+            ReceivedRankFrame.seq >= low,
+            ReceivedRankFrame.seq <= high,
+        )
+    )
+
+
+def _merge_drops(stored: dict[str, int] | None, counts: dict[str, int], rank: int) -> dict[str, int]:
+    """The run's drop counts with one rank's running totals replaced: rank 0's by reason, a rank r > 0's
+    as "reason/rank<r>" (`wire.rank_key`), so each rank's totals stand beside the others'."""
+    kept = {key: n for key, n in (stored or {}).items() if wire.key_rank(key)[1] != rank}
+    kept.update({wire.rank_key(key, rank): n for key, n in counts.items()})
+    return kept
 
 
 def _full_rows(rows: Iterable[dict[str, Any]], fields: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -1,0 +1,138 @@
+"""Which process of a distributed training this is, and the one run all of its processes share.
+
+A DDP training is one run whatever its world size. At `attach`, when a process
+group is initialized (`torch.distributed.is_available() and is_initialized()`),
+the processes agree on the run with one collective, `all_gather_object`: each
+contributes its rank, host, pid, local rank and device, and all take rank 0's
+run id (a uuid) and name. It is the monitor's only collective, once at attach
+(never during a training step), so `attach` must be called on every rank at the
+same point, as DDP's own constructor is; under NCCL, after
+`torch.cuda.set_device(local_rank)` (the collective's tensors go to the current
+device). A world of one needs no collective.
+
+Without a process group but with the launcher's RANK and WORLD_SIZE in the
+environment (attach before `init_process_group`, a launcher without one), no
+process can ask another: the run id is derived on each rank from what they all
+share, the project, the run name if given, and the launch itself, the first of
+LAYERWATCH_RUN_ID (set it the same on every rank to choose), TORCHELASTIC_RUN_ID
+with its restart count (torchrun), SLURM_JOB_ID with its step and restart count,
+else MASTER_ADDR:MASTER_PORT (a warning says two trainings launched alike then
+share one run).
+
+LAYERWATCH_DISTRIBUTED=0 turns all of this off (each process its own run, as
+before), e.g. to attach on rank 0 only, where the collective would wait forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger("layerwatch")
+
+OFF_VALUES = ("0", "off", "false", "no")
+MAX_RANKS_LISTED = 256  # per-rank rows kept in the run's config; the world size is always recorded
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in its training, and the run its ranks agreed on."""
+
+    rank: int
+    world_size: int
+    run_id: str
+    run: str  # the run's name, rank 0's
+    config: dict[str, Any] = field(default_factory=dict)  # what run_start's config records about it
+
+
+def join_run(name: str, *, named: bool, project: str, device: str | None) -> Distributed | None:
+    """The distributed identity of this process, or None outside a distributed training.
+
+    `name` is the run name this process would use (the user's, or a default when
+    `named` is False). With a process group this makes the one collective.
+    """
+    if os.environ.get("LAYERWATCH_DISTRIBUTED", "").strip().lower() in OFF_VALUES:
+        return None
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        try:
+            return _from_process_group(name, device)
+        except Exception:  # never into the training: this process then makes a run of its own
+            log.warning("layerwatch: could not agree on one run with the other ranks; this rank's is its own",
+                        exc_info=True)  # fmt: skip
+            return None
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if rank is None or world is None or not 0 <= rank < world:
+        return None
+    return _from_environment(rank, world, name, named=named, project=project, device=device)
+
+
+def _process(rank: int, device: str | None) -> dict[str, Any]:
+    return {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "local_rank": _env_int("LOCAL_RANK"),
+            "device": device}  # fmt: skip
+
+
+def _from_process_group(name: str, device: str | None) -> Distributed:
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {**_process(rank, device), "run_id": uuid.uuid4().hex, "run": name}
+    gathered: list[Any] = [mine]
+    if world > 1:
+        gathered = [None] * world
+        # The one collective: ~2 small all-gathers (sizes, then the pickled dicts), once, at attach.
+        dist.all_gather_object(gathered, mine)
+    first = gathered[0]
+    config = {
+        "rank": rank,
+        "world_size": world,
+        "backend": str(dist.get_backend()),
+        "run_id_from": "rank 0, shared at attach (all_gather_object)",
+        "ranks": [{k: v for k, v in g.items() if k not in ("run_id", "run")} for g in gathered[:MAX_RANKS_LISTED]],
+    }
+    return Distributed(rank, world, str(first["run_id"]), str(first["run"]), config)
+
+
+def _from_environment(
+    rank: int, world: int, name: str, *, named: bool, project: str, device: str | None
+) -> Distributed:
+    config: dict[str, Any] = {"rank": rank, "world_size": world, "ranks": [_process(rank, device)]}
+    if world == 1:
+        return Distributed(rank, world, uuid.uuid4().hex, name, {**config, "run_id_from": "uuid (a world of one)"})
+    source, launch = _launch_identity()
+    if source == "MASTER_ADDR:MASTER_PORT" and rank == 0:
+        log.warning(
+            "layerwatch: RANK/WORLD_SIZE without a process group or a job id: the run id comes from %s=%s, so "
+            "trainings launched alike share one run; set LAYERWATCH_RUN_ID (the same on every rank) to tell them apart",
+            source,
+            launch,
+        )
+    seed = "\0".join(["layerwatch", project, name if named else "", launch])
+    run_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
+    # Default names are per process (a timestamp): derived from the id instead, the same on every rank.
+    run = name if named else f"run-{run_id[:8]}"
+    return Distributed(rank, world, run_id, run, {**config, "run_id_from": f"environment ({source})"})
+
+
+def _launch_identity() -> tuple[str, str]:
+    """(what, value): the first identity of this launch that every rank sees alike."""
+    env = os.environ.get
+    if env("LAYERWATCH_RUN_ID"):
+        return "LAYERWATCH_RUN_ID", env("LAYERWATCH_RUN_ID", "")
+    elastic = env("TORCHELASTIC_RUN_ID")
+    if elastic and elastic != "none":  # torchrun's rendezvous id; a restart is a new run (its seqs restart)
+        return "TORCHELASTIC_RUN_ID", f"{elastic}/{env('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if env("SLURM_JOB_ID"):
+        return "SLURM_JOB_ID", f"{env('SLURM_JOB_ID')}.{env('SLURM_STEP_ID', '')}/{env('SLURM_RESTART_COUNT', '0')}"
+    return "MASTER_ADDR:MASTER_PORT", f"{env('MASTER_ADDR', '')}:{env('MASTER_PORT', '')}"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
