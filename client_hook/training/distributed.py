@@ -2,13 +2,14 @@
 
 A DDP training is one run whatever its world size. At `attach`, when a process
 group is initialized (`torch.distributed.is_available() and is_initialized()`),
-the processes agree on the run with one collective, `all_gather_object`: each
-contributes its rank, host, pid, local rank and device, and all take rank 0's
-run id (a uuid) and name. It is the monitor's only collective, once at attach
-(never during a training step), so `attach` must be called on every rank at the
-same point, as DDP's own constructor is; under NCCL, after
-`torch.cuda.set_device(local_rank)` (the collective's tensors go to the current
-device). A world of one needs no collective.
+the processes agree on the run through the process group's own key-value store
+(the TCPStore/FileStore of its rendezvous), never a collective: rank 0 writes its
+run id (a uuid) and name under the next attach number and goes on at once; a rank
+r > 0 waits for that key (up to JOIN_TIMEOUT_S, only at attach) and takes them.
+So attaching on rank 0 only never hangs (nobody waits for anybody), nothing runs
+on the device (NCCL or not), and a rank whose rank 0 never attaches makes a run
+of its own after the timeout, with a warning. Ranks attach the same number of
+times, in the same order (the n-th attach of rank r joins rank 0's n-th).
 
 Without a process group but with the launcher's RANK and WORLD_SIZE in the
 environment (attach before `init_process_group`, a launcher without one), no
@@ -20,12 +21,14 @@ else MASTER_ADDR:MASTER_PORT (a warning says two trainings launched alike then
 share one run).
 
 LAYERWATCH_DISTRIBUTED=0 turns all of this off (each process its own run, as
-before), e.g. to attach on rank 0 only, where the collective would wait forever.
+before).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -38,7 +41,9 @@ import torch
 log = logging.getLogger("layerwatch")
 
 OFF_VALUES = ("0", "off", "false", "no")
-MAX_RANKS_LISTED = 256  # per-rank rows kept in the run's config; the world size is always recorded
+JOIN_TIMEOUT_S = 120.0  # how long a rank r > 0 waits at attach for rank 0's run (launchers start ranks together)
+STORE_PREFIX = "layerwatch/run/"
+_joins = 0  # attaches of this process that joined a process group's run: the next one is _joins + 1
 
 
 @dataclass(frozen=True)
@@ -80,23 +85,29 @@ def _process(rank: int, device: str | None) -> dict[str, Any]:
 
 
 def _from_process_group(name: str, device: str | None) -> Distributed:
+    global _joins
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {**_process(rank, device), "run_id": uuid.uuid4().hex, "run": name}
-    gathered: list[Any] = [mine]
     if world > 1:
-        gathered = [None] * world
-        # The one collective: ~2 small all-gathers (sizes, then the pickled dicts), once, at attach.
-        dist.all_gather_object(gathered, mine)
-    first = gathered[0]
+        store = dist.distributed_c10d._get_default_store()  # the rendezvous' store: host-side, no collective
+        if rank == 0:
+            attach_number = store.add(f"{STORE_PREFIX}attaches", 1)
+            store.set(f"{STORE_PREFIX}{attach_number}", json.dumps(mine))
+        else:
+            attach_number = _joins + 1
+            key = f"{STORE_PREFIX}{attach_number}"
+            store.wait([key], datetime.timedelta(seconds=JOIN_TIMEOUT_S))  # raises after the timeout
+            mine = {**mine, **{k: v for k, v in json.loads(store.get(key)).items() if k in ("run_id", "run")}}
+        _joins = attach_number
     config = {
         "rank": rank,
         "world_size": world,
         "backend": str(dist.get_backend()),
-        "run_id_from": "rank 0, shared at attach (all_gather_object)",
-        "ranks": [{k: v for k, v in g.items() if k not in ("run_id", "run")} for g in gathered[:MAX_RANKS_LISTED]],
+        "run_id_from": "rank 0, shared at attach through the process group's store",
+        "ranks": [{k: v for k, v in mine.items() if k not in ("run_id", "run")}],  # this process (rank 0's is kept)
     }
-    return Distributed(rank, world, str(first["run_id"]), str(first["run"]), config)
+    return Distributed(rank, world, str(mine["run_id"]), str(mine["run"]), config)
 
 
 def _from_environment(
