@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from client_hook.training import stats
-from client_hook.training.tensors import HostCopy, first_float_tensor
+from client_hook.training.tensors import HostCopy, batch_tensor, first_float_tensor
 
 FINGERPRINT_ELEMENTS = 256  # strided input elements read for mean, std (error ~1/16 of std) and the fingerprint
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
@@ -105,12 +105,20 @@ class SignalsItem:
     host once, non-blocking (`packed`), and the sender thread waits for that copy.
     """
 
-    __slots__ = ("step", "fields", "values", "labels", "input_n", "_copy")
+    __slots__ = ("step", "fields", "values", "labels", "input_n", "tokens", "_copy")
 
     def __init__(
-        self, step: int, fields: dict[str, Any], values: list[Any], labels: list[str], input_n: int, packed: bool
+        self,
+        step: int,
+        fields: dict[str, Any],
+        values: list[Any],
+        labels: list[str],
+        input_n: int,
+        packed: bool,
+        tokens: bool = False,
     ) -> None:
-        self.step, self.fields, self.labels, self.input_n = step, fields, labels, input_n
+        """`tokens`: the input batch is integer (token ids): fingerprinted, but a mean and std of ids mean nothing."""
+        self.step, self.fields, self.labels, self.input_n, self.tokens = step, fields, labels, input_n, tokens
         self._copy = HostCopy(_pack(values)) if packed else None
         # On the CPU the values are read now, in the training thread (~0.3 us each): an item waits
         # up to a sender window (several steps) in the queue, and small tensors kept alive that
@@ -131,8 +139,9 @@ class SignalsItem:
             mean = sub_sum / self.input_n
             std = math.sqrt(max(sub_sq / self.input_n - mean * mean, 0.0)) if math.isfinite(sub_sq) else math.nan
             finite = not fields.get("input_nonfinite") and math.isfinite(mean) and math.isfinite(std)
-            fields["input_mean"] = mean if finite else None
-            fields["input_std"] = std if finite else None
+            if not self.tokens:  # token ids are labels, not magnitudes: no normalisation to judge
+                fields["input_mean"] = mean if finite else None
+                fields["input_std"] = std if finite else None
             fields["input_fingerprint"] = f"{sub_sum:.17g}/{sub_dot:.17g}"
         if "output_nonfinite" in fields:
             fields["output_nonfinite"] = not math.isfinite(v[at])
@@ -220,6 +229,7 @@ class StepSignals:
         self._training: bool | None = None
         self._input: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._input_n = 0
+        self._input_tokens = False
         self._input_nonfinite: int | None = None  # counted on the host (CPU), from the output's sum
         self._output_sum: torch.Tensor | float | None = None
         self._stale: torch.Tensor | float | None = None
@@ -234,19 +244,26 @@ class StepSignals:
         if self._replaying:
             return
         self._training = module.training
-        x = first_float_tensor((args, kwargs))
-        if x is None or x.numel() == 0:
+        x = batch_tensor(args, kwargs)  # float features or integer token ids; never a 0-d keyword
+        if x is None:
             return
         if self._input is None:  # the step's first forward (gradient accumulation: its first micro-batch)
+            tokens = not x.is_floating_point()
             key = (x.shape, x.dtype, x.device)
             layout = self._layouts.get(key)
             if layout is None:  # once per input shape: (n, stride, weights)
                 n, stride = input_layout(x.shape)
-                layout = self._layouts[key] = (n, stride, subset_weights(n, _sum_dtype(x.dtype), x.device))
+                # Token ids summed in float64: exact for any vocabulary (< 2**53), so equal batches match.
+                dtype = torch.float64 if tokens else _sum_dtype(x.dtype)
+                layout = self._layouts[key] = (n, stride, subset_weights(n, dtype, x.device))
             n, stride, weights = layout
-            # The whole input's sum where the output's sum is not read in the training thread (packed).
-            self._input = input_summary(x, weights, stride, whole=self._packs(x.device))
+            # The whole input's sum where the output's sum is not read in the training thread (packed);
+            # integers are never non-finite.
+            self._input = input_summary(x, weights, stride, whole=self._packs(x.device) and not tokens)
             self._input_n = n
+            self._input_tokens = tokens
+            if tokens:
+                self._input_nonfinite = 0
             self._device = x.device
         if self._random and x.device.type == "cpu" and self._localisations < MAX_LOCALISATIONS:
             self._rng = torch.get_rng_state()  # ~5 KB copy: lets a replay see the same dropout masks
@@ -268,7 +285,7 @@ class StepSignals:
         self._output_sum = value if self._output_sum is None else self._output_sum + value
         if self._input is not None and self._input[2] is None and self._input_nonfinite is None:
             # The input's NaN/Inf would have reached the output: count them only then (a rare full pass).
-            x = first_float_tensor((args, kwargs)) if not math.isfinite(value) else None
+            x = batch_tensor(args, kwargs) if not math.isfinite(value) else None
             self._input_nonfinite = nonfinite_count(x) if x is not None else 0
         if self._first_nonfinite is None and not math.isfinite(value):
             if self._localisations < MAX_LOCALISATIONS:
@@ -383,6 +400,7 @@ class StepSignals:
             self._labels if self._norms is not None else [],
             self._input_n if self._input is not None else 0,
             packed=self._packs() and any(isinstance(v, torch.Tensor) for v in values),  # floats are on the host
+            tokens=self._input_tokens,
         )
         self._watch(self._probe_candidate())
         self._check_stale = True
@@ -417,8 +435,8 @@ class StepSignals:
         draws random numbers) and restores RNG and buffers afterwards, so training
         sees no difference.
         """
-        x = first_float_tensor((args, kwargs))
-        if x is not None and not bool(torch.isfinite(x).all()):
+        x = batch_tensor(args, kwargs)
+        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
             return "input"
         found: list[str] = []
 
