@@ -12,6 +12,16 @@ gradient is zero on every row the batch did not use). The alert names the
 layer closest to the output whose ratio is below VANISH_RATIO, where the
 signal starts to die. Like AutoTrainer, it waits while the loss still improves
 by LEARNING_DROP per LEARNING_WINDOW steps: a network that learns is not stuck.
+
+Vanishing is a chain: the gradient shrinks layer by layer (by at most ~4x per
+sigmoid layer, its largest derivative being 1/4; Glorot & Bengio). So the layers
+below the ratio must end in a slope, not a cliff: when the next layer in forward
+order has more than MAX_STEP_UP times the gradient of the last layer below, the
+small gradients are a side branch, not a dying chain. Attention is the common case:
+at initialisation its softmax is near uniform and the query and key projections get
+gradients more than 1000x below the value projection's, the next layer in forward
+order (measured on a tiny BERT from config, tests/integrations/test_huggingface.py),
+until training sharpens the attention.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ SUSTAIN = 3  # consecutive samples below VANISH_RATIO
 LEARNING_WINDOW = 50  # steps of loss compared with the LEARNING_WINDOW steps before them
 LEARNING_DROP = 0.1  # a 10% lower mean loss over a window: still learning
 SPARSE_GRADS = ("Embedding", "EmbeddingBag")  # modules whose gradients are mostly zero rows
+# A layer-to-layer rise above this, right after the last vanished layer, is a branch, not a chain: a
+# vanishing chain rises ~4-10x a layer (sigmoid: at most 4x in the gradient itself, times the weights).
+MAX_STEP_UP = 1000.0
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -41,7 +54,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
     last_layer, last_rms = layers[-1]
     below = [(layer, rms / last_rms) for layer, rms in layers[:-1] if rms / last_rms < VANISH_RATIO]
     first_layer, first_rms = layers[0]
-    if not below or below[0][0] != first_layer:
+    if not below or below[0][0] != first_layer or _cliff(layers, below[-1][0]):
         state["run"] = 0
         return []
     state["run"] = state.get("run", 0) + 1
@@ -81,6 +94,15 @@ def _weight_grad_rms(view: RunView, stats: dict) -> list[tuple[str, float]]:
         squares[layer] = (total + rms * rms * numel, count + numel)
     layers = [(layer, math.sqrt(total / count)) for layer, (total, count) in squares.items()]
     return sorted(layers, key=lambda lc: view.order(lc[0]))
+
+
+def _cliff(layers: list[tuple[str, float]], last_below: str) -> bool:
+    """Whether the gradient jumps by more than MAX_STEP_UP from `last_below` to the next layer in forward order."""
+    names = [name for name, _ in layers]
+    i = names.index(last_below)
+    if i + 1 >= len(layers):
+        return False
+    return layers[i + 1][1] > MAX_STEP_UP * layers[i][1]
 
 
 def _learning(view: RunView) -> bool:
