@@ -269,8 +269,10 @@ async function load() {
     renderPickers();
     renderSeriesSelect();
     hideBanner();
-    S.alerts = await api.alerts(S.id);
+    const fetched = await api.alerts(S.id);
     if (gen !== S.gen) return;
+    // Alerts heard live while the list was being fetched may be newer than it (or missing from it).
+    S.alerts = mergeAlerts(fetched, S.alerts);
     renderAlerts();
     renderHealth();
     loadWebhooks(gen);
@@ -283,11 +285,23 @@ async function load() {
   }
 }
 
+// The fetched alerts, with any heard live that are missing from them or seen more often since.
+function mergeAlerts(fetched, live) {
+  const byId = new Map(fetched.map((a) => [a.id, a]));
+  for (const a of live) {
+    const known = byId.get(a.id);
+    if (!known || (a.count ?? 1) > (known.count ?? 1)) byId.set(a.id, a);
+  }
+  return [...byId.values()];
+}
+
 function onAlert(alert) {
   const i = S.alerts.findIndex((a) => a.id === alert.id);
   if (i >= 0) S.alerts[i] = alert;
-  else {
-    S.alerts.push(alert);
+  else S.alerts.push(alert);
+  // Heard before the run itself has loaded: kept, and drawn by load() (mergeAlerts), which draws everything.
+  if (!S.run) return;
+  if (i < 0) {
     const counts = (S.run.alert_counts = { info: 0, warning: 0, critical: 0, ...S.run.alert_counts });
     counts[alert.severity] = (counts[alert.severity] || 0) + 1;
     renderHeader();
