@@ -26,6 +26,11 @@ def ledger_gaps(seqs: list[int]) -> tuple[list[int], list[int]]:
     return [s for s in range(top + 1) if s not in counts], sorted(s for s, n in counts.items() if n > 1)
 
 
+def frames_of_other_runs(db_path: Path, run_id: str) -> int:
+    """Ledger rows of any run but `run_id`, in one query (a live writer cannot slip in between counts)."""
+    return _query(db_path, "SELECT COUNT(*) FROM received_frames WHERE run_id != ?", run_id)[0][0]
+
+
 def run_status(db_path: Path, run_id: str) -> str | None:
     rows = _query(db_path, "SELECT status FROM runs WHERE id = ?", run_id)
     return rows[0][0] if rows else None
