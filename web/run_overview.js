@@ -112,6 +112,11 @@ export function onScalars(event, renderHeader) {
   if (!keys.includes(event.key)) {
     keys.push(event.key);
     if (!S.shownKeys.length && event.key === "loss") S.shownKeys = ["loss"];
+    // The validation loss is shown beside the loss by default (as run.js does for a loaded run),
+    // also when its first value arrives after the page loaded.
+    else if (/^val_?loss$/i.test(event.key) && !S.shownKeys.includes(event.key)) {
+      S.shownKeys = orderedKeys([...S.shownKeys, event.key]);
+    }
     renderKeyChips();
   }
   if (event.steps.length) {

@@ -6,6 +6,8 @@ healthy suite (test_healthy.py) is where they must stay quiet.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from sklearn.datasets import load_digits, make_regression
 from torch import nn
@@ -128,6 +130,21 @@ def test_dead_model_plateaus(train_and_diagnose) -> None:
     alerts = train_and_diagnose(digits_loop(model, opt, 120), model, opt)
     found = only(alerts, "loss_plateau")
     assert found["step"] <= 90, describe(found)
+
+
+def test_a_flat_loss_at_the_planned_end_of_a_decay_is_not_a_plateau(train_and_diagnose) -> None:
+    """SGD 0.1 with a cosine decay to 1e-4 of it over 60 steps, then held there: the loss falls while
+    the lr is real and is flat (still > 50% of its start) after; 'raise the LR' would be wrong advice
+    at the end of a schedule (the cry-wolf seen on healthy language models)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    decay = 60
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(s, decay) / decay))
+    )
+    loop = digits_loop(model, opt, 180, at=lambda step: schedule.step() if step else None)
+    alerts = train_and_diagnose(loop, model, opt)
+    assert not by_rule(alerts, "loss_plateau"), describe(alerts)
 
 
 # ---------------------------------------------------------------- loss_at_init

@@ -12,6 +12,11 @@ below its start. Not flagged during LR warm-up (the LR still rising over the
 window: the run has not had its real LR yet), nor when the loss is more than
 FLAT above its best (that is a loss getting worse, not a plateau), nor while the LR is 0, nor for a
 loss whose initial value is not positive (a fraction of it means nothing).
+
+Nor where the learning-rate schedule explains the flat loss, because "raise the LR" would be wrong
+advice there: at the planned end of a decay (the LR below DECAYED of the highest it has been, e.g.
+the tail of a cosine schedule), or just after a cut (the LR fell below CUT of its value at the
+window's start: a step decay; the loss needs the window to settle at the new LR).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ STILL_HIGH = 0.5  # DIAGNOSTICS.md: while still > 50% of the initial loss
 SMOOTH = 10  # losses in the running mean
 FLAT = 0.1  # a plateau is flat: the smoothed loss within 10% of its best
 INITIAL = 5  # the first losses whose mean is the initial loss
+DECAYED = 0.1  # lr below 10% of its peak: the end of a decay schedule, where a flat loss is planned
+CUT = 0.5  # lr halved (or more) within the window: a step decay just happened
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -46,7 +53,10 @@ def check(view: RunView, state: dict) -> list[Finding]:
         return []
     smoothed = sum(recent) / len(recent)
     window = state.setdefault("window", [])  # (step, smoothed, lr) of the last PLATEAU_STEPS losses
-    window.append((view.step, smoothed, rec.scalars.get("lr")))
+    lr_now = rec.scalars.get("lr")
+    window.append((view.step, smoothed, lr_now))
+    if lr_now is not None and math.isfinite(lr_now):
+        state["peak_lr"] = max(state.get("peak_lr", 0.0), lr_now)
     if len(window) > PLATEAU_STEPS:
         step_out, dropped, _ = window.pop(0)
         if dropped < state.get("best_before", math.inf):
@@ -62,6 +72,8 @@ def check(view: RunView, state: dict) -> list[Finding]:
     lrs = [lr for _, _, lr in window if lr is not None]
     if lrs and (lrs[-1] <= 0 or lrs[-1] > lrs[0] * 1.001):
         return []  # lr 0 (frozen on purpose) or still warming up
+    if lrs and (lrs[-1] < DECAYED * state.get("peak_lr", 0.0) or lrs[-1] < CUT * lrs[0]):
+        return []  # the schedule's decay or a cut explains the flat loss: raising the lr is not the remedy
     first_step = window[0][0]
     message = (
         f"the loss (mean of the last {SMOOTH}) is {fmt(smoothed)}, {fmt(100 * smoothed / initial)}% of its initial "
