@@ -79,6 +79,7 @@ function updateIndicator() {
 
 function setPaused(on) {
   paused = on;
+  if (on && current && current.pause) current.pause();
   const button = $("pause-toggle");
   button.setAttribute("aria-pressed", String(on));
   button.textContent = on ? "resume" : "pause";

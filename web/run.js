@@ -21,7 +21,17 @@ import {
   setHeat,
   wireHeatClicks,
 } from "./run_layers.js";
-import { drawOverview, drawScalars, loadOverview, onScalars, renderHealth, renderKeyChips } from "./run_overview.js";
+import {
+  cancelLiveDraw,
+  drawScalars,
+  flushLiveDraw,
+  liveDraw,
+  liveMarkers,
+  loadOverview,
+  onScalars,
+  renderHealth,
+  renderKeyChips,
+} from "./run_overview.js";
 import { hooks, S, seriesKey } from "./run_state.js";
 import { loadWebhooks, renderAlerts, renderModel, stopWebhooks } from "./run_tables.js";
 
@@ -304,13 +314,16 @@ function onAlert(alert) {
   if (i < 0) {
     const counts = (S.run.alert_counts = { info: 0, warning: 0, critical: 0, ...S.run.alert_counts });
     counts[alert.severity] = (counts[alert.severity] || 0) + 1;
-    renderHeader();
+    liveDraw("header", renderHeader);
+    liveMarkers(); // a repeat only updates its row: its marker stays at its first step
   }
-  renderAlerts();
-  renderHealth();
-  if (S.tab === "overview") drawOverview();
-  if (S.tab === "model") renderModel();
-  loadWebhooks(S.gen);
+  // A rule that keeps firing repeats its alert every batch: drawn with the next live draw, not each time.
+  liveDraw("alerts", () => {
+    renderAlerts();
+    renderHealth();
+    if (S.tab === "model") renderModel();
+    loadWebhooks(S.gen);
+  });
 }
 
 // A click on an alert marker on the loss: the layer it names, at its step.
@@ -367,6 +380,7 @@ function purgePlot(id) {
 }
 
 function clearPlots() {
+  cancelLiveDraw();
   for (const id of ALL_PLOTS) purgePlot(id);
 }
 
@@ -423,6 +437,11 @@ export const runView = {
 
   status() {
     return S.run ? S.run.status : null;
+  },
+
+  // Pausing: what arrived before the click is drawn now, nothing after it.
+  pause() {
+    if (S.id !== null && S.run) flushLiveDraw();
   },
 
   onEvent(event) {

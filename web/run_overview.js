@@ -5,7 +5,7 @@
 import { api, SEVERITIES } from "./api.js";
 import { renderLines, renderScalars } from "./charts.js";
 import { $, el, severityBadge } from "./dom.js";
-import { hooks, S, win } from "./run_state.js";
+import { hooks, MAX_POINTS, S, win } from "./run_state.js";
 
 /* global Plotly */
 
@@ -106,7 +106,92 @@ export function drawOverview() {
   drawLr();
 }
 
-// A live `scalars` event: the page's data first, the plot only when shown.
+// Live points are drawn in one batch at most every LIVE_DRAW_MS. A training at
+// every=1 sends ~20 batches a second, each with a loss, an lr and often more
+// keys: one Plotly redraw per key and batch kept a 2-core machine's page busy
+// for tens of seconds (a page.evaluate waited 35 s for its turn). The page
+// must stay responsive however fast the run, and 5 redraws a second look live.
+const LIVE_DRAW_MS = 200;
+// What the next draw does: `tasks` by name (the header, the alert table — a
+// repeat replaces the one before), the loss plot's new points (`scalars`) or a
+// full redraw of it for new alert markers (`markers`), the lr plot's points.
+const live = { timer: null, tasks: new Map(), scalars: false, markers: false, lr: false };
+
+function scheduleLiveDraw() {
+  if (live.timer === null) live.timer = setTimeout(flushLiveDraw, LIVE_DRAW_MS);
+}
+
+// Runs `fn` on the next live draw, once however often it was asked for.
+export function liveDraw(name, fn) {
+  live.tasks.set(name, fn);
+  scheduleLiveDraw();
+}
+
+// A new alert: its marker is drawn on the loss plot on the next live draw.
+export function liveMarkers() {
+  live.markers = true;
+  scheduleLiveDraw();
+}
+
+// Drops a scheduled draw: the page is left or reloaded (a load redraws everything).
+export function cancelLiveDraw() {
+  if (live.timer !== null) clearTimeout(live.timer);
+  live.timer = null;
+  live.tasks = new Map();
+  live.scalars = live.markers = live.lr = false;
+}
+
+// Draws what live events brought since the last draw, now (also when the
+// user pauses: what arrived before the click is shown, nothing after).
+export function flushLiveDraw() {
+  const { tasks, scalars, markers, lr } = live;
+  cancelLiveDraw();
+  for (const fn of tasks.values()) fn();
+  if (S.tab !== "overview" || !(scalars || markers || lr)) return;
+  // A live trace grows by a point a step; past twice what a fetch returns, the
+  // server's downsampled series is fetched again so a long run stays light.
+  const keys = [...S.shownKeys, lrKey()].filter(Boolean);
+  if (keys.some((k) => S.scalars[k] && S.scalars[k].steps.length > 2 * MAX_POINTS.scalars)) {
+    loadOverview(S.gen);
+    return;
+  }
+  if (markers) drawScalars();
+  else if (scalars) {
+    const traces = S.shownKeys.length + (S.alerts.length ? 1 : 0); // the alert markers come last
+    extendOrRedraw($("loss-plot"), S.shownKeys.map((k) => S.scalars[k]), traces, drawScalars);
+  }
+  if (lr) extendOrRedraw($("lr-plot"), [S.scalars[lrKey()]], 1, drawLr);
+}
+
+// Appends to each trace what it lacks, in one extendTraces call, when every
+// trace holds a prefix of its entry's points; otherwise redraws the plot.
+// Trace i is entries[i] (renderScalars and renderLines put them first) when the
+// plot has `traces` traces; a plot drawn for other keys is redrawn.
+function extendOrRedraw(gd, entries, traces, redraw) {
+  const x = [];
+  const y = [];
+  const indices = [];
+  const consistent =
+    gd.data &&
+    gd.data.length === traces &&
+    entries.every((entry, i) => {
+      const trace = gd.data[i];
+      if (!trace) return false;
+      if (!entry || entry.loading) return true; // a fetch in flight draws it when it lands
+      const n = trace.x.length;
+      if (n > entry.steps.length || (n > 0 && trace.x[n - 1] !== entry.steps[n - 1])) return false;
+      if (n < entry.steps.length) {
+        indices.push(i);
+        x.push(entry.steps.slice(n));
+        y.push(entry.values.slice(n));
+      }
+      return true;
+    });
+  if (!consistent) redraw();
+  else if (indices.length) Plotly.extendTraces(gd, { x, y }, indices);
+}
+
+// A live `scalars` event: the page's data now, the plots on the next live draw.
 export function onScalars(event, renderHeader) {
   const keys = S.run.scalar_keys || (S.run.scalar_keys = []);
   if (!keys.includes(event.key)) {
@@ -122,7 +207,7 @@ export function onScalars(event, renderHeader) {
   if (event.steps.length) {
     S.run.last_step = Math.max(S.run.last_step ?? 0, ...event.steps);
     if (event.key === "loss") S.run.last_loss = event.values[event.values.length - 1];
-    renderHeader();
+    liveDraw("header", renderHeader);
   }
   let entry = S.scalars[event.key];
   if (!entry) {
@@ -133,22 +218,11 @@ export function onScalars(event, renderHeader) {
     entry.pending.push(event);
     return;
   }
-  const before = entry.steps.length;
   const added = appendPoints(entry, event.steps, event.values);
-  if (!added.steps.length || S.tab !== "overview") return;
-  if (event.key === lrKey() && !S.shownKeys.includes(event.key)) {
-    drawLr();
-    return;
-  }
-  const index = S.shownKeys.indexOf(event.key);
-  if (index < 0) return;
-  const gd = $("loss-plot");
-  if (before > 0 && gd.data && gd.data[index] && gd.data[index].x.length === before) {
-    Plotly.extendTraces(gd, { x: [added.steps], y: [added.values] }, [index]);
-  } else {
-    drawScalars(); // first points, or the plot and our arrays disagree: redraw
-  }
-  if (event.key === lrKey()) drawLr();
+  if (!added.steps.length) return;
+  if (S.shownKeys.includes(event.key)) live.scalars = true;
+  if (event.key === lrKey()) live.lr = true;
+  scheduleLiveDraw();
 }
 
 // ------------------------------------------------------------------ health

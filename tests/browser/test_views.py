@@ -86,6 +86,21 @@ def training_in_background(
         mon.close()
 
 
+# Counts the page's Plotly draws, with their times (performance.now, ms).
+DRAW_COUNTER = """(() => {
+window.__draws = [];
+for (const name of ["newPlot", "react", "extendTraces"]) {
+  const original = Plotly[name];
+  Plotly[name] = function (...args) { window.__draws.push(performance.now()); return original.apply(this, args); };
+}
+})()"""
+# The most draws in any one second since DRAW_COUNTER ran.
+BUSIEST_SECOND = "Math.max(0, ...window.__draws.map(t => window.__draws.filter(u => u >= t && u < t + 1000).length))"
+# The run page draws live points at most 5 times a second, the loss and the lr plot each,
+# and at most one reload of both (a long live trace is fetched again downsampled).
+MAX_DRAWS_A_SECOND = 5 * 2 + 2
+
+
 def visible_plots(page) -> int:
     return page.evaluate(
         "[...document.querySelectorAll('.js-plotly-plot')]"
@@ -114,6 +129,14 @@ def test_click_through_to_a_live_training(probe, server):
         page.wait_for_function(
             "document.getElementById('loss-plot').data.some(t => t.name === 'val_loss' && t.x.length > 0)"
         )
+
+        # At every=1 about 20 batches a second arrive, each with a loss, an lr and repeated alerts:
+        # they are drawn together, a few times a second, not one Plotly redraw per event (which kept
+        # a 2-core machine's page from answering for 35 s).
+        page.evaluate(DRAW_COUNTER)
+        page.wait_for_timeout(3000)
+        busiest = page.evaluate(BUSIEST_SECOND)
+        assert 0 < busiest <= MAX_DRAWS_A_SECOND, f"{busiest} plot draws in one second of a live run"
 
         # Pause: nothing is redrawn; resume: caught up at once.
         page.click("#pause-toggle")
