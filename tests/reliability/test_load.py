@@ -32,7 +32,11 @@ from tests.reliability.servers import ServerProcess
 CLIENTS = 50
 STEPS = 1000
 LAYERS = 4  # 12 layer-stat rows a step: the test checks delivery; bench/load.py uses 10 layers for figures
-CLOSE_TIMEOUT_S = 80.0  # the whole delivery must fit in the test's ~90 s
+# The test checks delivery, not speed (bench/load.py measures throughput): the bound only
+# stops a hung server. The same code delivered this traffic in ~60 s on 2026-12-02 and
+# needed ~100 s on 2026-12-04's slower 2-core machines (bench.load: 2,387 -> 882 frames/s,
+# the old commit measuring 996 there too), so it allows 3x the slowest seen.
+CLOSE_TIMEOUT_S = 300.0
 
 
 class StepItem:
