@@ -161,3 +161,33 @@ def test_weights_scaled_by_1e_4_shrink_the_signal(train_and_diagnose) -> None:
     found = [a for a in by_rule(alerts, "activation_scale") if a["severity"] == "warning"]
     assert [a["layer"] for a in found] == ["0"], describe(alerts)
     assert found[0]["step"] == 10 and "below 0.001" in found[0]["message"], describe(found)
+
+
+def test_gpt2s_own_init_and_its_dropout_layers_are_not_findings(train_and_diagnose) -> None:
+    """HF GPT-2 from config: embeddings initialised at std 0.02 by design, and `Dropout(p=0)` layers that
+    pass their input through. Neither is a finding: a dropout layer has its input's scale (the module
+    before it is the one to name), and an embedding's scale is the architecture's choice."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train(mon) -> None:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            ids = torch.randint(0, 64, (8, 32), generator=g)
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.log(loss=loss)
+
+    alerts = train_and_diagnose(train, model, opt, every=5, run="act-scale-gpt2")
+    found = by_rule(alerts, "activation_scale")
+    named = {a["layer"] for a in found}
+    design = {n for n, m in model.named_modules() if isinstance(m, (nn.Dropout, nn.Embedding))}
+    assert not named & design, describe(found)

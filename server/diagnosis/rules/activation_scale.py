@@ -21,7 +21,14 @@ a normalization layer) is only `info`.
 Left out: the model's last module (logits and outputs have whatever scale the
 task needs), modules whose range is fixed by construction (softmax,
 sigmoid/tanh: their trouble is `saturated_units`), and ReLU layers that are
-(nearly) all zeros (`dead_units` says that).
+(nearly) all zeros (`dead_units` says that). Also left out, because they are
+not where a scale goes off: modules that pass their input through
+(`Dropout(p=0)`, or any dropout, which keeps the input's scale; `Identity`) —
+the module before them is the one to name, and naming both was two findings
+for one cause (GPT-2 from config: 13 infos a run, 5 of them its dropouts).
+An `Embedding`'s scale is the architecture's choice (GPT-2 and BERT initialise
+it at std 0.02 and normalise after it), so it gets no `info`; it still gets the
+`warning` when its scale is extreme and reaches the next module.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ STD_TINY, STD_HUGE = 1e-3, 1e3  # DIAGNOSTICS.md: warning outside, when the scal
 SUSTAIN = 3
 SPAN_STEPS = 10
 DEAD_ZEROS = 0.99  # zero_frac above which the layer is dead_units' business, not a scale
+# Keep their input's scale: the module before them is measured and named instead.
+PASS_THROUGH_TYPES = frozenset(
+    {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout", "Identity"}
+)
+DESIGNED_SCALE_TYPES = frozenset({"Embedding", "EmbeddingBag"})  # warning only, no info (see above)
 BOUNDED_TYPES = frozenset(
     {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign"}
 )
@@ -53,6 +65,8 @@ def check(view: RunView, state: dict) -> list[Finding]:
     zeros: dict[str, float] = {}
     for (layer, _, kind), row in sample.stats.items():
         std = row.get("std")
+        if view.module_type(layer) in PASS_THROUGH_TYPES:
+            continue
         if kind == "activation" and std is not None and std == std:
             stds[layer] = std
             zeros[layer] = row.get("zero_frac", 0.0)
@@ -72,6 +86,8 @@ def check(view: RunView, state: dict) -> list[Finding]:
         # Only the first module in forward order where the scale goes off gets the warning:
         # the ones after it inherit it, and one alert where it starts says more than ten.
         severity = "warning" if extreme and propagates and not warned else "info"
+        if severity == "info" and view.module_type(layer) in DESIGNED_SCALE_TYPES:
+            continue
         warned = warned or severity == "warning"
         told: set = state.setdefault("told", set())
         if severity == "info" and layer in told:
