@@ -74,7 +74,9 @@ def test_a_samples_cost_counts_its_steps_wall_time_and_the_senders_encoding() ->
     assert hooks_only < 0.002
     # 5 ms unseen by the hooks, counted: the interval is 5 ms / (1% of a plain step) (~500 at 1 ms steps).
     assert slow_step > 0.004 and 0.75 < slow_ratio < 1.5
-    assert 0.005 <= encoded < 0.007 and 0.95 < encoded_ratio < 1.5
+    # Same band as above: the interval follows the step time as it was when it was last set, which a
+    # loaded CI box moves by ~20% (0.82 seen); not counting the encoding would give a ratio of ~0.02.
+    assert 0.005 <= encoded < 0.007 and 0.75 < encoded_ratio < 1.5
 
 
 def test_every_none_on_a_real_training_spends_little_and_says_so() -> None:
