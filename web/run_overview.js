@@ -2,7 +2,7 @@
 // on the same axes) with alert markers, the learning rate, and the health
 // summary — which rules fired, on which layers, since when.
 
-import { api, SEVERITIES } from "./api.js";
+import { api, SEVERITIES, throttle } from "./api.js";
 import { renderLines, renderScalars } from "./charts.js";
 import { $, el, severityBadge } from "./dom.js";
 import { hooks, MAX_POINTS, S, win } from "./run_state.js";
@@ -115,11 +115,9 @@ const LIVE_DRAW_MS = 200;
 // What the next draw does: `tasks` by name (the header, the alert table — a
 // repeat replaces the one before), the loss plot's new points (`scalars`) or a
 // full redraw of it for new alert markers (`markers`), the lr plot's points.
-const live = { timer: null, tasks: new Map(), scalars: false, markers: false, lr: false };
-
-function scheduleLiveDraw() {
-  if (live.timer === null) live.timer = setTimeout(flushLiveDraw, LIVE_DRAW_MS);
-}
+const live = { tasks: new Map(), scalars: false, markers: false, lr: false };
+// A draw already made (pause) or dropped (leave) leaves nothing marked: the timer's call is then a no-op.
+const scheduleLiveDraw = throttle(() => flushLiveDraw(), LIVE_DRAW_MS);
 
 // Runs `fn` on the next live draw, once however often it was asked for.
 export function liveDraw(name, fn) {
@@ -133,10 +131,8 @@ export function liveMarkers() {
   scheduleLiveDraw();
 }
 
-// Drops a scheduled draw: the page is left or reloaded (a load redraws everything).
+// Drops what a scheduled draw would do: the page is left or reloaded (a load redraws everything).
 export function cancelLiveDraw() {
-  if (live.timer !== null) clearTimeout(live.timer);
-  live.timer = null;
   live.tasks = new Map();
   live.scalars = live.markers = live.lr = false;
 }

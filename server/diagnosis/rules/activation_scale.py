@@ -65,9 +65,9 @@ def check(view: RunView, state: dict) -> list[Finding]:
     zeros: dict[str, float] = {}
     for (layer, _, kind), row in sample.stats.items():
         std = row.get("std")
-        if view.module_type(layer) in PASS_THROUGH_TYPES:
-            continue
         if kind == "activation" and std is not None and std == std:
+            if view.module_type(layer) in PASS_THROUGH_TYPES:
+                continue
             stds[layer] = std
             zeros[layer] = row.get("zero_frac", 0.0)
     ordered = sorted(stds, key=view.order)
