@@ -181,6 +181,31 @@ RULES: dict[str, RuleInfo] = {
             "growth_interval 2000); Micikevicius et al. 2018, Mixed Precision Training",
         ),
         _rule(
+            "dead_network",
+            "critical",
+            "The network is dead: its gradients are exactly zero",
+            "The network died (often after a too-large step knocked its units off): lower the learning rate and "
+            "restart from an earlier checkpoint or a fresh initialisation; use LeakyReLU/GELU, normalization layers, "
+            "gradient clipping.",
+            "AutoTrainer (ICSE'21): dying ReLU as >= 70% of gradient entries exactly zero; CS231n",
+        ),
+        _rule(
+            "loss_at_chance",
+            "warning",
+            "The loss stays at chance level",
+            "The model predicts no better than chance: check that inputs and labels stay paired (shuffled together), "
+            "that the labels are right, and that the data reaches the model.",
+            '"37 reasons": expected loss at chance -ln(1/C); check that the inputs are connected to the outputs',
+        ),
+        _rule(
+            "shape_mismatch",
+            "critical",
+            "The output's shape differs from the target's",
+            "Squeeze the output or unsqueeze the targets so both have the same shape (e.g. (N,) or (N, 1)): the loss "
+            "broadcasts them to (N, N) and learns the mean.",
+            'PyTorch\'s warning "Using a target size that is different to the input size"; "37 reasons"',
+        ),
+        _rule(
             "gradients_not_zeroed",
             "critical",
             "Gradients are not zeroed between steps",

@@ -95,7 +95,6 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
-
 FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "remedy", "evidence")
 
 # The always-on per-step signals of a `signals` frame (every optimizer step,
@@ -112,6 +111,9 @@ FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "reme
 #   grads_stale      at the first backward after the previous step, .grad still held that step's values
 #   target_counts    {class: count} of the targets logged with mon.log(targets=...)
 #   skipped          true: the step's optimizer step did not run (AMP's GradScaler found inf/NaN gradients)
+#   grad_norms       every parameter's gradient L2 norm, aligned with run_start's model["tensors"] labels
+#                    (model.parameters() order, "layer.param"); null where the parameter had no gradient
+#                    (None, or sparse) at this step; NaN/Infinity where it held non-finite values
 SIGNAL_FIELDS: tuple[str, ...] = (
     "training",
     "input_mean",
@@ -125,6 +127,7 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "grads_stale",
     "target_counts",
     "skipped",
+    "grad_norms",
 )
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
 # What a rank r > 0 of a distributed training sends: what differs per rank. Per-layer statistics,
@@ -219,6 +222,8 @@ def _model(v: Any) -> str | None:
             return f"an object whose modules each have string 'name' and 'type' (module {i} is {module!r})"
         if not isinstance(module.get("params", []), list):
             return f"an object whose modules have a 'params' list (module {i} has {module.get('params')!r})"
+    if "tensors" in v and _names(v["tensors"]):
+        return f"an object whose 'tensors' is a list of names (got {_short(v['tensors'])})"
     return None
 
 
@@ -259,6 +264,12 @@ def _name_or_null(v: Any) -> str | None:
 def _names(v: Any) -> str | None:
     if not isinstance(v, list) or any(_name(n) for n in v):
         return "a list of names"
+    return None
+
+
+def _norms(v: Any) -> str | None:
+    if not isinstance(v, list) or any(x is not None and not _is_number(x) for x in v):
+        return "a list of numbers or nulls (one per model tensor)"
     return None
 
 
@@ -420,6 +431,7 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "grads_stale": _bool_or_null,
         "skipped": _bool_or_null,
         "target_counts": _class_counts,
+        "grad_norms": _norms,
     },
     "findings": {},
     "layer_stats": {"every": _count},

@@ -114,6 +114,7 @@ class SignalColumns:
     grads_stale: Mapped[bool | None] = mapped_column(Boolean)
     target_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
     skipped: Mapped[bool | None] = mapped_column(Boolean)  # newer than the table: db.py adds it to older databases
+    grad_norms: Mapped[list[float | None] | None] = mapped_column(JSON)  # newer too; aligned with model["tensors"]
 
 
 class StepSignal(SignalColumns, Base):

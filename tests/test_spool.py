@@ -204,9 +204,7 @@ def test_frames_spooled_while_the_server_is_down_are_delivered_once_it_starts(tm
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     model, opt = make(1)
-    mon = monitor.attach(
-        model, opt, server=url, every=1, close_timeout=60, spool_dir=spool_dir, max_memory_bytes=8_000
-    )
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=60, spool_dir=spool_dir, max_memory_bytes=8_000)
     train(model, opt, mon, 30, seed=1)
     settled(mon)
     on_disk = [e for p in sorted((spool_dir / mon.run_id).glob("*.jsonl")) for e in read_segment(p)[0]]

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from client_hook.training import stats
-from client_hook.training.model_info import group_lrs, param_owners
+from client_hook.training.model_info import group_lrs, param_owners, tensor_labels
 from client_hook.training.sampling import Schedule
 from client_hook.training.signals import StepSignals
 from client_hook.training.tensors import HostCopy, first_float_tensor
@@ -131,7 +131,7 @@ class Collector:
         self._params: list[tuple[Row, nn.Parameter]] = [
             ((*self._owners.get(id(p), ("", "?")), "grad"), p) for p in self.inner.parameters()
         ]
-        labelled = [(f"{layer}.{name}" if layer else name, param) for (layer, name, _), param in self._params]
+        labelled = list(zip(tensor_labels(self.inner), (param for _, param in self._params)))
         # The inner module: a replay that names the first non-finite module runs eagerly, uncompiled.
         self.signals = StepSignals(self.inner, self._names, labelled)
         if optimizer is not None:

@@ -60,7 +60,22 @@ def describe_model(model: nn.Module, forward_order: list[str] | None, optimized:
                 "leaf": next(iter(module.children()), None) is None,
             }
         )
-    return {"modules": described, "num_params": sum(p.numel() for p in model.parameters())}
+    return {
+        "modules": described,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        # The labels the signals' per-step `grad_norms` are aligned with (wire.SIGNAL_FIELDS).
+        "tensors": tensor_labels(model),
+    }
+
+
+def tensor_labels(model: nn.Module) -> list[str]:
+    """ "layer.param" of every parameter in `model.parameters()` order (tied ones once, at their owner)."""
+    owners = param_owners(model)
+    labels = []
+    for p in model.parameters():
+        layer, name = owners.get(id(p), ("", "?"))
+        labels.append(f"{layer}.{name}" if layer else name)
+    return labels
 
 
 def _plain(value: Any) -> Any:

@@ -18,7 +18,10 @@ for *every* optimizer step, what the diagnosis rules must never miss:
   began (a hook on one parameter, registered once, fires when its new gradient
   is ready and before it is added to `.grad`);
 - every gradient's norm as the optimizer sees it (`torch._foreach_norm`, one
-  fused call), for the global norm and to name gradients holding NaN/Inf.
+  fused call): sent per tensor (`grad_norms`, 4 significant digits, null where a
+  parameter has no gradient), so the rules that judge gradients layer by layer
+  (vanishing, dead network, parameters that never get one) read every step, not
+  only the sampled ones; also the global norm and the gradients holding NaN/Inf.
 
 Every op costs ~2-10 us of dispatch on the CPU whatever its size, so the
 per-step work is ~8 ops in all (one full pass: the gradient norms), and nothing
@@ -44,6 +47,7 @@ FINGERPRINT_ELEMENTS = 256  # strided input elements read for mean, std (error ~
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
 TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
 PROBE_ELEMENTS = 1024  # gradient elements read at the start of backward to tell stale from zeroed
+NORM_DIGITS = 4  # significant digits of each per-tensor gradient norm sent every step
 PROBE_MIN_NUMEL = 8  # the probe is the smallest parameter of at least this size (a bias, usually)
 # Modules that draw random numbers in training mode: their forwards are replayed with the same RNG state.
 RANDOM_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -105,7 +109,7 @@ class SignalsItem:
     host once, non-blocking (`packed`), and the sender thread waits for that copy.
     """
 
-    __slots__ = ("step", "fields", "values", "labels", "input_n", "tokens", "_copy")
+    __slots__ = ("step", "fields", "values", "labels", "present", "input_n", "tokens", "_copy")
 
     def __init__(
         self,
@@ -116,9 +120,12 @@ class SignalsItem:
         input_n: int,
         packed: bool,
         tokens: bool = False,
+        present: list[bool] | None = None,
     ) -> None:
-        """`tokens`: the input batch is integer (token ids): fingerprinted, but a mean and std of ids mean nothing."""
+        """`tokens`: the input batch is integer (token ids): fingerprinted, but a mean and std of ids mean nothing.
+        `present`: per model tensor, whether it had a gradient (whose norm is among `values`, in that order)."""
         self.step, self.fields, self.labels, self.input_n, self.tokens = step, fields, labels, input_n, tokens
+        self.present = present or []
         self._copy = HostCopy(_pack(values)) if packed else None
         # On the CPU the values are read now, in the training thread (~0.3 us each): an item waits
         # up to a sender window (several steps) in the queue, and small tensors kept alive that
@@ -154,7 +161,16 @@ class SignalsItem:
             # The global L2 norm, summed in float64 here: inf if a norm is inf, NaN if one is NaN.
             fields["grad_norm"] = math.sqrt(sum(n * n for n in norms))
             fields["nonfinite_grads"] = [label for label, n in zip(self.labels, norms) if not math.isfinite(n)]
+            if self.present:
+                fields["grad_norms"] = _per_tensor(self.present, norms)
         return [("signals", self.step, fields)] if fields else []
+
+
+def _per_tensor(present: list[bool], norms: list[float]) -> list[float | None]:
+    """One entry per model tensor: its norm to NORM_DIGITS significant digits (the rules compare ratios
+    of 1e-5 and exact zeros; full precision would double the frame), None where it had no gradient."""
+    found = iter(norms)
+    return [float(f"{next(found):.{NORM_DIGITS}g}") if has else None for has in present]
 
 
 def _host_values(values: list[Any]) -> list[float]:
@@ -401,6 +417,7 @@ class StepSignals:
             self._input_n if self._input is not None else 0,
             packed=self._packs() and any(isinstance(v, torch.Tensor) for v in values),  # floats are on the host
             tokens=self._input_tokens,
+            present=self._present if self._norms is not None else None,
         )
         self._watch(self._probe_candidate())
         self._check_stale = True

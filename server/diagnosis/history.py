@@ -69,6 +69,26 @@ class StatRow(Mapping[str, float]):
         return f"StatRow({dict(self)!r})"
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model tensor of the signals' `grad_norms`: its label, layer, parameter name and description."""
+
+    label: str
+    layer: str
+    param: str
+    description: dict[str, Any]
+
+    def trainable(self, optimizer_known: bool) -> bool:
+        """requires_grad and, when the client knew the optimizer, stepped by it."""
+        d = self.description
+        return d.get("requires_grad", True) is not False and not (optimizer_known and d.get("in_optimizer") is False)
+
+    @property
+    def is_matrix(self) -> bool:
+        """A weight of two or more dimensions: not a bias, not a normalisation scale."""
+        return len(self.description.get("shape") or []) >= 2
+
+
 @dataclass
 class StepRecord:
     """Everything stored for one step: scalars, always-on signals, and (on sampled steps) layer statistics."""
@@ -82,6 +102,15 @@ class StepRecord:
     def stat(self, layer: str, param: str, kind: str, name: str) -> float | None:
         row = (self.stats or {}).get((layer, param, kind))
         return None if row is None else row.get(name)
+
+
+def _kept_signals(signals: dict[str, Any]) -> dict[str, Any]:
+    """The SIGNAL_FIELDS of a frame or a stored row; a stored non-finite norm ("NaN", "Infinity") as a float."""
+    kept = {k: v for k, v in signals.items() if k in wire.SIGNAL_FIELDS}
+    norms = kept.get("grad_norms")
+    if norms is not None and any(isinstance(n, str) for n in norms):
+        kept["grad_norms"] = [float(n) if isinstance(n, str) else n for n in norms]
+    return kept
 
 
 def _number(value: Any) -> float:
@@ -111,6 +140,7 @@ class RunHistory:
         self.model = model or {"modules": []}
         self.optimizer = optimizer
         self.config = config or {}
+        self._tensor_info: list[TensorInfo] | None = None
 
     @property
     def world_size(self) -> int:
@@ -154,12 +184,30 @@ class RunHistory:
         self.record(step).scalars.update({k: _number(v) for k, v in values.items()})
 
     def add_signals(self, step: int, signals: dict[str, Any]) -> None:
-        self.record(step).signals.update({k: v for k, v in signals.items() if k in wire.SIGNAL_FIELDS})
+        self.record(step).signals.update(_kept_signals(signals))
 
     def add_rank_signals(self, step: int, rank: int, signals: dict[str, Any]) -> None:
         """The signals of a rank r > 0 of a distributed run."""
-        kept = self.record(step).rank_signals.setdefault(rank, {})
-        kept.update({k: v for k, v in signals.items() if k in wire.SIGNAL_FIELDS})
+        self.record(step).rank_signals.setdefault(rank, {}).update(_kept_signals(signals))
+
+    def tensor_info(self) -> list[TensorInfo]:
+        """What the signals' `grad_norms` are aligned with: the model's `tensors`, each with its layer,
+        parameter name and description (empty for a client that sends no `tensors`)."""
+        if self._tensor_info is None:
+            described = {
+                (m.get("name"), p.get("name")): p
+                for m in self.model.get("modules", [])
+                if isinstance(m, dict)
+                for p in m.get("params") or []
+                if isinstance(p, dict)
+            }
+            labels = self.model.get("tensors")
+            info = []
+            for label in labels if isinstance(labels, list) else []:
+                layer, _, param = label.rpartition(".")
+                info.append(TensorInfo(label, layer, param, described.get((layer, param), {})))
+            self._tensor_info = info
+        return self._tensor_info
 
     def add_stats(self, step: int, rows: list[Sequence[Any]]) -> None:
         """Rows as lists in wire.LAYER_STAT_COLUMNS order (as the wire has them)."""

@@ -150,13 +150,15 @@ def streak(state: dict[str, Any], key: str, held: bool, step: int) -> tuple[int,
     return runs[key], since[key]
 
 
-def sustained(count: int, since: int, step: int, *, samples: int, span_steps: int) -> bool:
-    """A streak counts as sustained after `samples` samples, or after two that are `span_steps` apart.
+def sustained(count: int, since: int, step: int, *, samples: int = 2, span_steps: int) -> bool:
+    """A streak counts as sustained once it spans `span_steps` steps, seen on at least `samples` samples.
 
-    Samples, not steps: with adaptive sampling a small model is sampled at
-    steps 0 and 10, then only every few hundred steps.
+    Steps, not only samples: the adaptive interval depends on the machine's speed
+    (a small model is sampled every 2 steps on one box, every 60 on another), and
+    a streak of samples 2 steps apart is an initialisation transient that samples
+    60 apart never see. Judged over the same span of steps, both agree.
     """
-    return count >= samples or (count >= 2 and step - since >= span_steps)
+    return count >= samples and step - since >= span_steps
 
 
 def fmt(value: float | None) -> str:

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-
 class BadMessage(Exception):
     """A message this connection must be closed for; `code` is the websocket close code."""
 

@@ -63,7 +63,10 @@ def by_rule(alerts: Alerts, rule: str) -> Alerts:
     return [a for a in alerts if a["rule"] == rule]
 
 
-def describe(alerts: Alerts) -> str:
+def describe(alerts: Alerts | dict[str, Any]) -> str:
+    """The alerts (or one alert) in one line each, for an assertion's message."""
+    if isinstance(alerts, dict):
+        alerts = [alerts]
     return "; ".join(f"{a['rule']}[{a['severity']}] {a['layer']!r} @{a['step']}: {a['message']}" for a in alerts)
 
 

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits, make_regression
 from torch import nn
 from torch.nn import functional as F
 
+from layerwatch.server.diagnosis.rules import vanishing_gradients
 from tests.faults.conftest import alarms, by_rule, describe
 
 _X, _Y = load_digits(return_X_y=True)
@@ -108,7 +109,8 @@ def test_deep_sigmoid_mlp_with_small_init_vanishes(train_and_diagnose, every) ->
     alerts = train_and_diagnose(loop(model, opt, 80), model, opt, every=every)
     found = only(alerts, "vanishing_gradients")
     assert found["severity"] == "warning"
-    assert found["step"] <= 3 * every, describe(found)  # the third sample: vanished from the start
+    # Judged on every step's per-tensor norms, whatever the sampling: vanished from the start.
+    assert found["step"] < vanishing_gradients.SUSTAIN_STEPS + 5, describe(found)
     # Gradient RMS falls ~10x per layer from the output; the last one below 1e-5 of it is '18' or '20'.
     assert found["layer"] in ("16", "18", "20"), describe(found)
     assert not by_rule(alerts, "weights_not_updating"), describe(alerts)

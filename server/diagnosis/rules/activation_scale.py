@@ -41,10 +41,9 @@ RULE_ID = "activation_scale"
 # DL4J visualisation guide's healthy range [0.5, 2.0], widened 5x each way (see above): info outside.
 STD_LOW, STD_HIGH = 0.1, 10.0
 STD_TINY, STD_HUGE = 1e-3, 1e3  # DIAGNOSTICS.md: warning outside, when the scale propagates
-# Sustained: SUSTAIN consecutive samples, or two that are SPAN_STEPS apart. Samples, not steps:
-# with adaptive sampling a small model is sampled at steps 0 and 10, then every few hundred.
-SUSTAIN = 3
-SPAN_STEPS = 10
+# Sustained: on every sample over SPAN_STEPS steps (at least two), whatever the interval: a streak of
+# samples 2 steps apart at initialisation is a transient that samples 60 apart never see.
+SPAN_STEPS = 30
 DEAD_ZEROS = 0.99  # zero_frac above which the layer is dead_units' business, not a scale
 # Keep their input's scale: the module before them is measured and named instead.
 PASS_THROUGH_TYPES = frozenset(
@@ -77,7 +76,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         std = stds[layer]
         measured = layer != last and view.module_type(layer) not in BOUNDED_TYPES and zeros[layer] <= DEAD_ZEROS
         count, since = streak(state, layer, measured and not STD_LOW <= std <= STD_HIGH, view.step)
-        if not sustained(count, since, view.step, samples=SUSTAIN, span_steps=SPAN_STEPS):
+        if not sustained(count, since, view.step, span_steps=SPAN_STEPS):
             continue
         following = ordered[i + 1] if i + 1 < len(ordered) else None
         nxt = stds.get(following) if following is not None else None

@@ -38,10 +38,9 @@ DEAD_FRACTION = 0.5  # DIAGNOSTICS.md; CS231n's "40% dead" is already bad, AutoT
 # Element proxy: with half the units dead and the rest firing half the time, 75% of outputs
 # are 0; 90% means ~80% dead units at a typical firing rate, which healthy layers do not reach.
 ZERO_FRACTION_PROXY = 0.9
-# Sustained: SUSTAIN consecutive samples, or two that are SPAN_STEPS apart. Samples, not steps:
-# with adaptive sampling a small model is sampled at steps 0 and 10, then every few hundred.
-SUSTAIN = 3
-SPAN_STEPS = 10
+# Sustained: on every sample over SPAN_STEPS steps (at least two), whatever the interval: a streak of
+# samples 2 steps apart at initialisation is a transient that samples 60 apart never see.
+SPAN_STEPS = 30
 # Slack between the two measurements of dead <= zero_frac (gradient accumulation: the
 # activation row is the first micro-batch's, the gradient the sum over all of them).
 CONSISTENCY = 0.05
@@ -62,7 +61,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         feeder, dead = _dead_fraction(view, sample.stats, layer, row)
         bad = dead > DEAD_FRACTION if dead is not None else zeros > ZERO_FRACTION_PROXY
         count, since = streak(state, layer, bad, view.step)
-        if not sustained(count, since, view.step, samples=SUSTAIN, span_steps=SPAN_STEPS):
+        if not sustained(count, since, view.step, span_steps=SPAN_STEPS):
             continue
         share = dead if dead is not None else zeros
         if dead is not None:

@@ -21,10 +21,9 @@ from layerwatch.server.records import Finding
 RULE_ID = "saturated_units"
 
 SATURATED_FRACTION = 0.5  # DeepDiagnosis (ICSE'22): > 50% of the units saturated
-# Sustained: SUSTAIN consecutive samples, or two that are SPAN_STEPS apart. Samples, not steps:
-# with adaptive sampling a small model is sampled at steps 0 and 10, then every few hundred.
-SUSTAIN = 3
-SPAN_STEPS = 10
+# Sustained: on every sample over SPAN_STEPS steps (at least two), whatever the interval: a streak of
+# samples 2 steps apart at initialisation is a transient that samples 60 apart never see.
+SPAN_STEPS = 30
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -38,7 +37,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         if kind != "activation" or layer == last or sat is None or sat != sat:
             continue  # sat_frac is NaN (not stored) for modules that do not saturate
         count, since = streak(state, layer, sat > SATURATED_FRACTION, view.step)
-        if not sustained(count, since, view.step, samples=SUSTAIN, span_steps=SPAN_STEPS):
+        if not sustained(count, since, view.step, span_steps=SPAN_STEPS):
             continue
         message = (
             f"{fmt(100 * sat)}% of the outputs of {layer!r} ({view.module_type(layer)}) are saturated "

@@ -4,7 +4,10 @@ Sources: Glorot & Bengio 2010 (gradients shrink layer by layer towards the
 input in deep saturating networks); AutoTrainer (ICSE'21: first/last gradient
 ratio < 1e-3 and first-layer gradient < 1e-4, only while the run is not
 learning). Signal: the gradient RMS of each weight (two or more dimensions:
-not biases, not normalisation scales) on sampled steps, in forward order.
+not biases, not normalisation scales), in forward order, every step: from the
+per-tensor gradient norms of the signals (norm / sqrt(numel)), so the verdict
+does not depend on how often the run is sampled; from the sampled layer
+statistics for a client that sends no per-tensor norms.
 
 The ratio is first layer's RMS / last layer's RMS. Left out: layers with no
 gradient or an all-zero one (frozen, unused this step), and embeddings (their
@@ -34,7 +37,8 @@ from layerwatch.server.records import Finding
 RULE_ID = "vanishing_gradients"
 
 VANISH_RATIO = 1e-5  # DIAGNOSTICS.md (AutoTrainer uses 1e-3 with an absolute 1e-4 on the first layer)
-SUSTAIN = 3  # consecutive samples below VANISH_RATIO
+SUSTAIN = 3  # consecutive samples below VANISH_RATIO (a client without per-step norms)
+SUSTAIN_STEPS = 20  # consecutive steps below VANISH_RATIO, from the per-step norms
 LEARNING_WINDOW = 50  # steps of loss compared with the LEARNING_WINDOW steps before them
 LEARNING_DROP = 0.1  # a 10% lower mean loss over a window: still learning
 SPARSE_GRADS = ("Embedding", "EmbeddingBag")  # modules whose gradients are mostly zero rows
@@ -44,10 +48,14 @@ MAX_STEP_UP = 1000.0
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
-    sample = view.sample
-    if sample is None or not sample.stats:
+    norms = view.record.signals.get("grad_norms")
+    tensors = view.history.tensor_info()
+    if norms and len(norms) == len(tensors):
+        layers, needed = _rms_from_norms(view, norms), SUSTAIN_STEPS
+    elif not tensors and view.sample is not None and view.sample.stats:
+        layers, needed = _weight_grad_rms(view, view.sample.stats), SUSTAIN
+    else:
         return []
-    layers = _weight_grad_rms(view, sample.stats)
     if len(layers) < 2:
         state["run"] = 0
         return []
@@ -58,7 +66,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         state["run"] = 0
         return []
     state["run"] = state.get("run", 0) + 1
-    if state["run"] < SUSTAIN or _learning(view):
+    if state["run"] < needed or _learning(view):
         return []
     if "layer" not in state:
         # The one closest to the output: where the gradient has died. Named once and kept, so
@@ -66,9 +74,10 @@ def check(view: RunView, state: dict) -> list[Finding]:
         state["layer"] = below[-1][0]
     layer = state["layer"]
     ratio = next((r for name, r in below if name == layer), below[-1][1])
+    unit = "steps" if needed == SUSTAIN_STEPS else "samples"
     message = (
         f"gradient RMS of the first layer {first_layer!r} is {fmt(first_rms)}, {fmt(first_rms / last_rms)} of the "
-        f"last layer's ({last_layer!r}: {fmt(last_rms)}) over {state['run']} samples; the ratio first falls "
+        f"last layer's ({last_layer!r}: {fmt(last_rms)}) over {state['run']} {unit}; the ratio first falls "
         f"below {VANISH_RATIO} at {layer!r} ({fmt(ratio)}), and the loss is not improving"
     )
     evidence = {
@@ -92,6 +101,21 @@ def _weight_grad_rms(view: RunView, stats: dict) -> list[tuple[str, float]]:
             continue
         total, count = squares.get(layer, (0.0, 0.0))
         squares[layer] = (total + rms * rms * numel, count + numel)
+    layers = [(layer, math.sqrt(total / count)) for layer, (total, count) in squares.items()]
+    return sorted(layers, key=lambda lc: view.order(lc[0]))
+
+
+def _rms_from_norms(view: RunView, norms: list[float | None]) -> list[tuple[str, float]]:
+    """The same as `_weight_grad_rms`, from the step's per-tensor gradient norms (RMS = norm / sqrt(numel))."""
+    squares: dict[str, tuple[float, float]] = {}
+    for tensor, norm in zip(view.history.tensor_info(), norms):
+        numel = tensor.description.get("numel")
+        if norm is None or not tensor.is_matrix or not numel or not 0 < norm < math.inf:
+            continue
+        if view.module_type(tensor.layer) in SPARSE_GRADS:
+            continue
+        total, count = squares.get(tensor.layer, (0.0, 0.0))
+        squares[tensor.layer] = (total + norm * norm, count + numel)
     layers = [(layer, math.sqrt(total / count)) for layer, (total, count) in squares.items()]
     return sorted(layers, key=lambda lc: view.order(lc[0]))
 
