@@ -14,7 +14,10 @@ sender thread spent turning it into frames (it holds the GIL meanwhile, so
 training waits for it on a CPU).
 
 The interval stays within [ADAPTIVE_MIN, EVERY_MAX] and starts at EVERY_START
-until both times are measured. The first sample's cost is not measured: it
+until both times are measured. The first EARLY_STEPS steps are sampled every
+EVERY_START steps whatever the budget says (six samples, a one-time cost): most
+faults show in a run's first steps (a bad init, a too-high LR, dead units), and
+the rules that read samples need a few of them there on any machine, fast or slow. The first sample's cost is not measured: it
 carries one-time work (kernel warm-up, describing the model) that would set the
 interval far too long. On CUDA the hook time is the time to *launch*
 the statistics kernels (they run asynchronously), so the budget there is a
@@ -30,6 +33,7 @@ from collections import deque
 EVERY_MIN = 1
 EVERY_MAX = 1000  # at least one sample per thousand steps, whatever it costs
 EVERY_START = 10
+EARLY_STEPS = 50  # adaptive: steps 0, 10, ..., 50 are sampled on any machine (see above)
 # The adaptive floor: the budget cannot see the server storing the sample, which on a small
 # machine running both takes CPU the training could use (measured: CNN, bench/overhead).
 ADAPTIVE_MIN = 10
@@ -85,6 +89,8 @@ class Schedule:
         if sampled and self.adaptive and self.sample_cost_s is not None and self.step_time_s is not None:
             self.every = max(ADAPTIVE_MIN, choose_every(self.sample_cost_s, self.step_time_s, self.overhead))
             self.next_step = step + self.every
+        if sampled and self.adaptive and step < EARLY_STEPS:
+            self.next_step = step + min(self.every, EVERY_START)  # the dense start (module docstring)
 
     def _sample_cost(self, now: float) -> float:
         """What the sampled step ending `now` cost training (see the module docstring)."""

@@ -133,6 +133,8 @@ class RunHistory:
         self.rank_steps: dict[int, int] = {}  # the newest step each rank sent something for
         self.ended: set[int] = set()  # the ranks whose run_end came
         self.wait_for_ranks = True  # live; a replay has every rank's rows of a step at once
+        self.first_loss: tuple[int, float] | None = None  # (step, value) of the first `loss` logged
+        self.references: dict[str, Any] = {}  # what diagnosis.references worked out once for the run
 
     def describe(
         self, model: dict[str, Any] | None, optimizer: dict[str, Any] | None, config: dict[str, Any] | None
@@ -182,6 +184,8 @@ class RunHistory:
 
     def add_scalars(self, step: int, values: dict[str, Any]) -> None:
         self.record(step).scalars.update({k: _number(v) for k, v in values.items()})
+        if "loss" in values and (self.first_loss is None or step < self.first_loss[0]):
+            self.first_loss = (step, _number(values["loss"]))
 
     def add_signals(self, step: int, signals: dict[str, Any]) -> None:
         self.record(step).signals.update(_kept_signals(signals))

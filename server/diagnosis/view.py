@@ -80,6 +80,17 @@ class RunView:
         out = [r for r in self.history.samples if r.step <= self.step]
         return out[-last:] if last else out
 
+    def median_update_ratio(self, *, first: bool = False) -> float:
+        """The latest sample's median update-to-weight ratio over its weight rows (NaN without one).
+
+        `first`: the run's first sample's instead (step 0, sampled at any interval: a verdict
+        that reads it is the same whatever the sampling)."""
+        samples = self.samples()
+        if not samples or not samples[-1].stats:
+            return math.nan
+        stats = (samples[0] if first else samples[-1]).stats or {}
+        return median([row.get("update_ratio", math.nan) for (_, _, kind), row in stats.items() if kind == "weight"])
+
     # ------------------------------------------------------------ the model
 
     def module(self, name: str) -> dict[str, Any] | None:

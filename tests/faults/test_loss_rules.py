@@ -122,14 +122,16 @@ def test_lr_far_too_low_plateaus(train_and_diagnose) -> None:
     assert "initial" in found["message"] and "lr = 1e-06" in found["message"]
 
 
-def test_dead_model_plateaus(train_and_diagnose) -> None:
+def test_a_model_dead_from_its_init_is_a_dead_network_not_a_plateau(train_and_diagnose) -> None:
     model = mlp()
     with torch.no_grad():
         model[0].bias.fill_(-100.0)  # every ReLU dead from the start: only the output bias can learn
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     alerts = train_and_diagnose(digits_loop(model, opt, 120), model, opt)
-    found = only(alerts, "loss_plateau")
-    assert found["step"] <= 90, describe(found)
+    found = by_rule(alerts, "dead_network")
+    assert len(found) == 1 and found[0]["step"] <= 40, describe(alerts)
+    assert found[0]["layer"] == "0", describe(found)  # where the signal stops
+    assert not by_rule(alerts, "loss_plateau"), describe(alerts)  # "raise the LR" would not revive it
 
 
 def test_a_flat_loss_at_the_planned_end_of_a_decay_is_not_a_plateau(train_and_diagnose) -> None:

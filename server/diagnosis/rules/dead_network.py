@@ -66,3 +66,13 @@ def check(view: RunView, state: dict) -> list[Finding]:
         "steps": run,
     }
     return [view.finding(RULE_ID, message, layer=first or None, evidence=evidence)]
+
+
+def mostly_zero(view: RunView) -> bool:
+    """This step's per-tensor gradient norms are DEAD_FRACTION or more exactly zero (or none present):
+    for the loss rules, whose plateau or chance-level remedies would be wrong for a dead network."""
+    norms = view.record.signals.get("grad_norms")
+    if not norms:
+        return False
+    present = [n for n in norms if n is not None]
+    return not present or sum(n == 0 for n in present) >= DEAD_FRACTION * len(present)

@@ -9,8 +9,8 @@ Cross-entropy-like losses are recognised by their targets: the run logged
 integer class labels (`mon.log(targets=...)`, so target_counts is present)
 with C >= 2 classes. C is the output width of the last called leaf module with
 a matrix weight (a Linear/Conv head: weight.shape[0]) when that width can hold
-every class seen, else the largest class + 1 (also when the head's weight is
-tied to an embedding and so described there). Negative classes
+every class seen (a head tied to an embedding: its vocabulary), else the
+largest class + 1 (`references.num_classes`). Negative classes
 (ignore_index = -100) are not counted.
 
 Too high (> ln C + TOLERANCE * ln C): outputs scaled up at init, confident
@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 
 from client_hook import thresholds
-from layerwatch.server.diagnosis.view import RunView, fmt, param_descriptions
+from layerwatch.server.diagnosis.references import class_counts, num_classes
+from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
 RULE_ID = "loss_at_init"
@@ -47,18 +48,10 @@ def check(view: RunView, state: dict) -> list[Finding]:
             state["done"] = True
         return []
     state["done"] = True  # the first loss decides, once
-    counts = rec.signals.get("target_counts") or {}
-    classes = {}
-    for name, count in counts.items():
-        try:
-            label = int(name)
-        except (TypeError, ValueError):
-            continue
-        if label >= 0:
-            classes[label] = count
+    classes = class_counts(rec.signals.get("target_counts"))
     if view.step >= FIRST_STEPS or not classes or not math.isfinite(loss):
         return []
-    c, source = _num_classes(view, classes)
+    c, source = num_classes(view, classes)
     if c < 2:
         return []
     chance = math.log(c)
@@ -76,19 +69,3 @@ def check(view: RunView, state: dict) -> list[Finding]:
     )
     evidence = {"loss": loss, "classes": c, "chance_loss": chance, "classes_from": source, "targets": n}
     return [view.finding(RULE_ID, message, evidence=evidence)]
-
-
-def _num_classes(view: RunView, classes: dict[int, int]) -> tuple[int, str]:
-    seen = max(classes) + 1
-    for module in reversed(view.modules):
-        if not module.get("leaf", True) or module.get("called") is False:
-            continue
-        weights = [p.get("shape") or [] for p in param_descriptions(module) if p["name"] == "weight"]
-        if weights and len(weights[0]) >= 2 and isinstance(weights[0][0], int):
-            width = int(weights[0][0])
-            if width >= seen:
-                return width, f"the output width of {module['name']!r}"
-            break
-        if not weights and any(k in (module.get("type") or "") for k in ("Linear", "Conv")):
-            break  # a head whose weight is tied to (and described at) another module: width unknown here
-    return seen, "the largest class label + 1"

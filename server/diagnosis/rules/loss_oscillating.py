@@ -15,13 +15,19 @@ length, with m_i the block means:
   (small batches, dropout, hard examples), large when the level itself
   jumps; it must exceed NOISE_RATIO_MIN, so noisy but healthy SGD stays quiet;
 - the last block is still NOT_AT_BEST above the window's best block (one spike
-  followed by recovery to a new low is not an oscillation).
+  followed by recovery to a new low is not an oscillation);
+- the LR did not rise within the window (warm restarts, cyclic schedules: the
+  loss rises with the LR on purpose, by RAISED or more);
+- the level is still above CONVERGED of the run's first loss: a loss that has
+  fallen to ~0 (a small transformer fitting its task to 1e-3) swings by its own
+  size from batch to batch, and that is convergence, not oscillation.
 """
 
 from __future__ import annotations
 
 import math
 
+from layerwatch.server.diagnosis.references import initial_loss
 from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
@@ -33,6 +39,8 @@ SWING_MIN = 1.0  # total variation of block means >= the mean loss (healthy runs
 PROGRESS_RATIO = 3.0  # "variation >> net decrease" (DIAGNOSTICS.md): swing > 3x the net decrease
 NOT_AT_BEST = 0.5  # the last block still >= 1.5x the window's best block: no progress
 NOISE_RATIO_MIN = 5.0  # block means vary >= 5x what batch noise alone explains
+RAISED = 1.5  # the lr rising 1.5x within the window: a restart or a cycle of the schedule
+CONVERGED = 0.05  # a level below 5% of the first loss: converged (positive losses only)
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -42,7 +50,12 @@ def check(view: RunView, state: dict) -> list[Finding]:
     recent = state.setdefault("recent", [])
     recent.append(loss)
     del recent[:-WINDOW]
-    if len(recent) < WINDOW:
+    lrs = state.setdefault("lrs", [])
+    lr = view.record.scalars.get("lr")
+    if lr is not None and math.isfinite(lr):
+        lrs.append(lr)
+        del lrs[:-WINDOW]
+    if len(recent) < WINDOW or _lr_rose(lrs):
         return []
     size = WINDOW // BLOCKS
     blocks = [recent[i : i + size] for i in range(0, WINDOW, size)]
@@ -52,6 +65,9 @@ def check(view: RunView, state: dict) -> list[Finding]:
     progress = means[0] - means[-1]
     if level <= 0 or swing < SWING_MIN * level or swing <= PROGRESS_RATIO * abs(progress):
         return []
+    first = initial_loss(view)
+    if first is not None and first > 0 and level < CONVERGED * first:
+        return []  # converged to ~0: relative swings of a tiny loss are not oscillation
     if means[-1] <= min(means) * (1 + NOT_AT_BEST):
         return []  # one spike, then the best level of the window: it recovered and is making progress
     within = sum(_var(b) for b in blocks) / BLOCKS
@@ -66,6 +82,16 @@ def check(view: RunView, state: dict) -> list[Finding]:
     )
     evidence = {"block_means": means, "swing": swing, "level": level, "progress": progress, "noise_ratio": noise_ratio}
     return [view.finding(RULE_ID, message, evidence=evidence)]
+
+
+def _lr_rose(lrs: list[float]) -> bool:
+    """Whether the lr rose by RAISED or more within the window (from its lowest point before)."""
+    low = math.inf
+    for lr in lrs:
+        if lr > RAISED * low:
+            return True
+        low = min(low, lr)
+    return False
 
 
 def _var(values: list[float]) -> float:

@@ -16,13 +16,19 @@ loss whose initial value is not positive (a fraction of it means nothing).
 Nor where the learning-rate schedule explains the flat loss, because "raise the LR" would be wrong
 advice there: at the planned end of a decay (the LR below DECAYED of the highest it has been, e.g.
 the tail of a cosine schedule), or just after a cut (the LR fell below CUT of its value at the
-window's start: a step decay; the loss needs the window to settle at the new LR).
+window's start: a step decay; the loss needs the window to settle at the new LR). Nor when the
+updates are already large (the latest sample's median update-to-weight ratio above LARGE_UPDATES,
+DL4J's "above 1e-2 is a problem"): a loss stuck while the weights move that much is an LR too
+*high* (update_ratio_high's), and raising it would be the wrong direction. Nor at a classifier's
+chance level while the weights do move (`loss_at_chance`: the inputs or labels, not the LR),
+nor when the gradients say why (most exactly zero: `dead_network`; vanished: `vanishing_gradients`).
 """
 
 from __future__ import annotations
 
 import math
 
+from layerwatch.server.diagnosis.rules import dead_network, loss_at_chance, vanishing_gradients
 from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
@@ -36,6 +42,7 @@ FLAT = 0.1  # a plateau is flat: the smoothed loss within 10% of its best
 INITIAL = 5  # the first losses whose mean is the initial loss
 DECAYED = 0.1  # lr below 10% of its peak: the end of a decay schedule, where a flat loss is planned
 CUT = 0.5  # lr halved (or more) within the window: a step decay just happened
+LARGE_UPDATES = 1e-2  # median update ratio above this: the LR is not too low (DL4J's upper bound)
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -74,6 +81,12 @@ def check(view: RunView, state: dict) -> list[Finding]:
         return []  # lr 0 (frozen on purpose) or still warming up
     if lrs and (lrs[-1] < DECAYED * state.get("peak_lr", 0.0) or lrs[-1] < CUT * lrs[0]):
         return []  # the schedule's decay or a cut explains the flat loss: raising the lr is not the remedy
+    if dead_network.mostly_zero(view) or vanishing_gradients.vanished(view):
+        return []  # dead_network's or vanishing_gradients' finding, with the remedy for that cause
+    if loss_at_chance.at_chance(view, smoothed):
+        return []  # at chance with normal updates: inputs or labels, loss_at_chance's finding and remedy
+    if view.median_update_ratio() > LARGE_UPDATES:
+        return []  # the weights move a lot: whatever stalls the loss, a higher LR is not the cure
     first_step = window[0][0]
     message = (
         f"the loss (mean of the last {SMOOTH}) is {fmt(smoothed)}, {fmt(100 * smoothed / initial)}% of its initial "

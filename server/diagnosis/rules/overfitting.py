@@ -14,12 +14,16 @@ LR), so one bad evaluation proves nothing; a real trend is required, all of:
 - the training loss (mean of the last TRAIN_SMOOTH losses) is lower now than
   at the best evaluation: the model still fits the training set better.
 The message names the step of the best evaluation: the checkpoint to keep.
+A validation loss that was never better than chance is not overfitting (there
+was no good checkpoint to stop at): that is `loss_at_chance`'s finding.
 """
 
 from __future__ import annotations
 
 import math
 
+from layerwatch.server.diagnosis.references import chance_level
+from layerwatch.server.diagnosis.rules import loss_at_chance
 from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
@@ -62,6 +66,9 @@ def check(view: RunView, state: dict) -> list[Finding]:
     rise = val - best
     if val <= high or rise < MIN_RISE_OF_GAIN * (first - best):
         return []
+    chance = chance_level(view)
+    if chance is not None and best >= (1 - loss_at_chance.BAND) * chance.loss:
+        return []  # never better than chance: nothing to stop early at (loss_at_chance)
     train_at_best = state.get("train_at_best")
     if train_now is None or train_at_best is None or not train_now < train_at_best:
         return []

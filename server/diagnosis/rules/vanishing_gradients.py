@@ -51,7 +51,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
     norms = view.record.signals.get("grad_norms")
     tensors = view.history.tensor_info()
     if norms and len(norms) == len(tensors):
-        layers, needed = _rms_from_norms(view, norms), SUSTAIN_STEPS
+        layers, needed = rms_from_norms(view, norms), SUSTAIN_STEPS
     elif not tensors and view.sample is not None and view.sample.stats:
         layers, needed = _weight_grad_rms(view, view.sample.stats), SUSTAIN
     else:
@@ -105,7 +105,7 @@ def _weight_grad_rms(view: RunView, stats: dict) -> list[tuple[str, float]]:
     return sorted(layers, key=lambda lc: view.order(lc[0]))
 
 
-def _rms_from_norms(view: RunView, norms: list[float | None]) -> list[tuple[str, float]]:
+def rms_from_norms(view: RunView, norms: list[float | None]) -> list[tuple[str, float]]:
     """The same as `_weight_grad_rms`, from the step's per-tensor gradient norms (RMS = norm / sqrt(numel))."""
     squares: dict[str, tuple[float, float]] = {}
     for tensor, norm in zip(view.history.tensor_info(), norms):
@@ -137,3 +137,13 @@ def _learning(view: RunView) -> bool:
     before = sum(losses[:LEARNING_WINDOW]) / LEARNING_WINDOW
     recent = sum(losses[LEARNING_WINDOW:]) / LEARNING_WINDOW
     return recent < (1 - LEARNING_DROP) * before
+
+
+def vanished(view: RunView) -> bool:
+    """This step's per-tensor norms put the first layer's gradient RMS below VANISH_RATIO of the last's:
+    for the loss rules, whose plateau or chance-level remedies would miss the cause."""
+    norms = view.record.signals.get("grad_norms")
+    if not norms or len(norms) != len(view.history.tensor_info()):
+        return False
+    layers = rms_from_norms(view, norms)
+    return len(layers) >= 2 and layers[0][1] < VANISH_RATIO * layers[-1][1]
