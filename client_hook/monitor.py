@@ -77,6 +77,7 @@ def attach(
     spool_max_bytes: int = DEFAULT_SPOOL_BYTES,
     max_memory_bytes: int = DEFAULT_MEMORY_BYTES,
     heartbeat_s: float = wire.HEARTBEAT_S,
+    objective: str = "minimize",
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`'s steps); returns at once.
 
@@ -88,6 +89,11 @@ def attach(
     `scaler`: the `torch.amp.GradScaler` the training steps through (found by itself inside
     accelerate's and Lightning's wrappers): a step it skips is counted, marked skipped, and
     its loss scale logged as `loss_scale` with each loss.
+
+    `objective`: "minimize" (the default: the logged loss is driven down) or "adversarial": one
+    side of a GAN-like game (attach one monitor per model, each with its optimizer), whose loss
+    may rise while training goes well; the loss-curve rules (diverging, oscillating, plateau,
+    chance level) then leave it alone, the gradient and activation rules still run.
 
     Attaching again to the same model closes the earlier monitor first, so hooks
     never double up. Bad arguments raise ValueError/TypeError naming the value.
@@ -129,6 +135,8 @@ def attach(
         raise TypeError(f"on_alert must be callable, but got {on_alert!r}")
     if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
         raise TypeError(f"spool_dir must be a path or None, but got {spool_dir!r}")
+    if objective not in wire.OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(map(repr, wire.OBJECTIVES))}, but got {objective!r}")
     check_limits(spool_max_bytes=spool_max_bytes, max_memory_bytes=max_memory_bytes, heartbeat_s=heartbeat_s)
     model = unwrap_parallel(model)
     previous = _attached.get(model)
@@ -153,6 +161,7 @@ def attach(
         token=token or os.environ.get("LAYERWATCH_TOKEN"),
         schedule=NoSamples() if ddp is not None and ddp.rank > 0 else Schedule(every, overhead),
         distributed=ddp,
+        objective=objective,
         on_alert=on_alert,
         close_timeout=close_timeout,
         sender_limits={
@@ -226,8 +235,10 @@ class Monitor:
         close_timeout: float,
         sender_limits: dict[str, Any] | None = None,
         distributed: Distributed | None = None,
+        objective: str = "minimize",
     ) -> None:
         self.model, self.optimizer = model, optimizer
+        self.objective = objective
         self.run, self.project, self.server = run, project, server
         # Under DDP the run its ranks agreed on at attach; else a new one.
         self.distributed = distributed
@@ -336,6 +347,7 @@ class Monitor:
         optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]} if self.optimizer else set()
         first = next(self.model.parameters(), None)
         config = {
+            "objective": self.objective,
             "every": self.every,
             "every_mode": self._collector.schedule.mode,
             "overhead_budget": self._collector.schedule.overhead,

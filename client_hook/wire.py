@@ -130,6 +130,10 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "grad_norms",
 )
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
+# What the training's loss is, as `attach(objective=...)` declares it in run_start's config: "minimize"
+# (one loss driven down, the default) or "adversarial" (one side of a GAN-like game, whose loss may rise
+# while the game goes well: the loss-curve rules do not judge it).
+OBJECTIVES: tuple[str, ...] = ("minimize", "adversarial")
 # What a rank r > 0 of a distributed training sends: what differs per rank. Per-layer statistics,
 # histograms and findings are rank 0's alone (gradients are all-reduced: the same on every rank).
 RANK_KINDS: tuple[str, ...] = ("run_start", "scalars", "signals", "heartbeat", "run_end")

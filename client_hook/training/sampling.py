@@ -17,11 +17,11 @@ The interval stays within [ADAPTIVE_MIN, EVERY_MAX] and starts at EVERY_START
 until both times are measured. The first EARLY_STEPS steps are sampled every
 EVERY_START steps whatever the budget says (six samples, a one-time cost): most
 faults show in a run's first steps (a bad init, a too-high LR, dead units), and
-the rules that read samples need a few of them there on any machine, fast or slow. The first sample's cost is not measured: it
-carries one-time work (kernel warm-up, describing the model) that would set the
-interval far too long. On CUDA the hook time is the time to *launch*
-the statistics kernels (they run asynchronously), so the budget there is a
-budget on the training thread's time.
+the rules that read samples need a few of them there on any machine, fast or slow.
+The first sample's cost is not measured: it carries one-time work (kernel
+warm-up, describing the model) that would set the interval far too long. On
+CUDA the hook time is the time to *launch* the statistics kernels (they run
+asynchronously), so the budget there is a budget on the training thread's time.
 """
 
 from __future__ import annotations

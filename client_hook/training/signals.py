@@ -14,9 +14,9 @@ for *every* optimizer step, what the diagnosis rules must never miss:
   device sync, the first few such forwards are *replayed* under `no_grad`
   with per-module hooks to name the first module whose output went non-finite
   (RNG state and module buffers are restored, so the replay leaves no trace);
-- whether `.grad` still held the previous step's values when the next backward
-  began (a hook on one parameter, registered once, fires when its new gradient
-  is ready and before it is added to `.grad`);
+- whether `.grad` still held the previous step's values in every backward of
+  the next step (a hook on one parameter, registered once, fires when its new
+  gradient is ready and before it is added to `.grad`);
 - every gradient's norm as the optimizer sees it (`torch._foreach_norm`, one
   fused call): sent per tensor (`grad_norms`, 4 significant digits, null where a
   parameter has no gradient), so the rules that judge gradients layer by layer
@@ -311,29 +311,36 @@ class StepSignals:
     def _at_probe_grad(self, grad: torch.Tensor) -> None:
         """Fires in every backward when the probe's new gradient is ready, before it is added to `.grad`.
 
-        Only the first backward after a step looks: what `.grad` holds then is
-        what the previous step left, unless it was zeroed (micro-batches of
-        gradient accumulation come later and are not looked at).
+        Stale means no backward of the step found `.grad` clean (None or zero): each
+        backward between two optimizer steps looks, and the smallest 1-norm it saw is
+        kept. A loop that never zeroes finds the previous step's values every time;
+        gradient accumulation zeroes after the step, so its first micro-batch finds
+        zeros; a GAN's discriminator gets a gradient from the generator's backward
+        right after its own step (stale there), then is zeroed before its own next
+        backward (clean): not flagged, rightly. Once one backward found it clean the
+        step is known clean and the others do not look.
         """
         if not self._check_stale:
             return None
-        self._check_stale = False
         enabled = torch.is_grad_enabled()  # backward with create_graph=True runs with grad mode on
         torch._C._set_grad_enabled(False)
         try:
             held = self._probe.grad if self._probe is not None else None
             if held is None:  # zero_grad(set_to_none=True), the default: known clean, no tensor op
                 self._stale = 0.0
+                self._check_stale = False
             else:
                 # The 1-norm (no squares to underflow) of a strided subset of a small parameter's gradient:
                 # zeroed gradients give exactly 0, what the previous step left gives > 0 (or NaN). One op
-                # and a view (the inf-norm would be ~30x dearer on the CPU, a bool mask ~10x).
+                # and a view (the inf-norm would be ~30x dearer on the CPU, a bool mask ~10x); one more
+                # (the minimum) from the step's second backward on.
                 flat = held if held.is_contiguous() else held.reshape(-1)
                 n = min(flat.numel(), PROBE_ELEMENTS)
-                subset = flat.as_strided((n,), (flat.numel() // n,))
-                self._stale = torch.linalg.vector_norm(subset, 1)
+                norm = torch.linalg.vector_norm(flat.as_strided((n,), (flat.numel() // n,)), 1)
+                self._stale = norm if self._stale is None else torch.minimum(self._stale, norm)
         except Exception:  # never into the user's backward; the signal is simply missing
             self._stale = None
+            self._check_stale = False
         finally:
             torch._C._set_grad_enabled(enabled)
         return None  # the gradient flows on unchanged

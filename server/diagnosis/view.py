@@ -117,6 +117,12 @@ class RunView:
         return None if m is None else m.get("type")
 
     @property
+    def adversarial(self) -> bool:
+        """The run declared its loss one side of a game (`attach(objective="adversarial")`): a GAN's
+        generator or discriminator, whose loss may rise while training goes well."""
+        return self.history.config.get("objective") == "adversarial"
+
+    @property
     def optimizer(self) -> dict[str, Any] | None:
         return self.history.optimizer
 

@@ -2,10 +2,14 @@
 
 Source: "37 reasons why your neural network is not working"; the PyTorch docs
 on `optimizer.zero_grad()`. Signal: the per-step `grads_stale` flag — the
-client probes the last few parameters that had a gradient at the very start of
-the first backward after an optimizer step. Gradient accumulation done on
-purpose zeroes after the step and runs several backwards before the next one:
-the first of them finds zeros (or None), so it is not flagged.
+client probes one small parameter's `.grad` at the start of each backward
+between two optimizer steps: stale when none of them found it clean (None or
+zero). Gradient accumulation done on purpose zeroes after the step and runs
+several backwards before the next one: the first of them finds zeros (or
+None), so it is not flagged. Nor is a GAN's discriminator, which the
+generator's backward reaches right after the discriminator's step (its
+`.grad` holds that step's values then), and which is zeroed before its own
+next backward.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
     if state["run"] < SUSTAIN:
         return []
     message = (
-        f"the gradients still held the previous step's values when backward began, "
+        f"the gradients still held the previous step's values in every backward of the step, "
         f"{state['run']} steps in a row (since step {state['since']}): they accumulate across steps"
     )
     evidence = {"consecutive_steps": state["run"], "since_step": state["since"]}

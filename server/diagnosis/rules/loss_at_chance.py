@@ -47,6 +47,8 @@ SLOW_UPDATES = 1e-4
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
+    if view.adversarial:
+        return []  # one side of a game (attach(objective="adversarial")): its loss is not driven to a minimum
     chance = chance_level(view)
     scalars = view.record.scalars
     loss = scalars.get("loss")

@@ -51,6 +51,8 @@ RESTART = 1.01  # an lr back at <= 1.01x its earlier peak is a restart of the sc
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
+    if view.adversarial:
+        return []  # one side of a game (attach(objective="adversarial")): its loss is not driven to a minimum
     loss = view.record.scalars.get("loss")
     lr = view.record.scalars.get("lr")
     if lr is not None and math.isfinite(lr):

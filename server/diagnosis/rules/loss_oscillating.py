@@ -44,6 +44,8 @@ CONVERGED = 0.05  # a level below 5% of the first loss: converged (positive loss
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
+    if view.adversarial:
+        return []  # one side of a game (attach(objective="adversarial")): its loss is not driven to a minimum
     loss = view.record.scalars.get("loss")
     if loss is None or not math.isfinite(loss):
         return []

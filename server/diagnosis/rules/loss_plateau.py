@@ -46,6 +46,8 @@ LARGE_UPDATES = 1e-2  # median update ratio above this: the LR is not too low (D
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
+    if view.adversarial:
+        return []  # one side of a game (attach(objective="adversarial")): its loss is not driven to a minimum
     rec = view.record
     loss = rec.scalars.get("loss")
     if loss is None or not math.isfinite(loss):
