@@ -99,6 +99,11 @@ class ReceivedRankFrame(Base):
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
 
 
+# A signal's JSON column writes an absent value as SQL NULL, not the JSON text 'null': a step's signals
+# come in several frames and are merged with COALESCE (store.writes), which only skips SQL NULL.
+SIGNAL_JSON = JSON(none_as_null=True)
+
+
 class SignalColumns:
     """One column per `wire.SIGNAL_FIELDS` name: the always-on signals of one step of one process."""
 
@@ -110,11 +115,13 @@ class SignalColumns:
     output_nonfinite: Mapped[bool | None] = mapped_column(Boolean)
     first_nonfinite: Mapped[str | None] = mapped_column(NAME)
     grad_norm: Mapped[float | None] = mapped_column(Double)
-    nonfinite_grads: Mapped[list[str] | None] = mapped_column(JSON)
+    nonfinite_grads: Mapped[list[str] | None] = mapped_column(SIGNAL_JSON)
     grads_stale: Mapped[bool | None] = mapped_column(Boolean)
-    target_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    target_counts: Mapped[dict[str, int] | None] = mapped_column(SIGNAL_JSON)
     skipped: Mapped[bool | None] = mapped_column(Boolean)  # newer than the table: db.py adds it to older databases
-    grad_norms: Mapped[list[float | None] | None] = mapped_column(JSON)  # newer too; aligned with model["tensors"]
+    grad_norms: Mapped[list[float | None] | None] = mapped_column(
+        SIGNAL_JSON
+    )  # newer too; aligned with model["tensors"]
 
 
 class StepSignal(SignalColumns, Base):

@@ -97,6 +97,22 @@ def test_a_value_sent_again_under_a_new_seq_replaces_the_old_one(session: Sessio
     assert store.scalar_series(session, run_id="run-1", key="loss") == ([0], [8.0])
 
 
+def test_a_steps_signals_sent_in_two_batches_keep_both(session: Session, run_frames: Any) -> None:
+    """The step's own signals, then log(targets=...)'s counts in a later batch: the second must not erase the
+    first (they used to be upserted as whole rows, NULLs included)."""
+    frames = run_frames(steps=1, end=False)
+    store.ingest_batch(session, frames=frames)
+    n = len(frames)
+    own = {"grad_norm": 1.5, "grad_norms": [1.0, None, float("nan")], "training": True}
+    store.ingest_batch(session, frames=[wire.frame("signals", run_id="run-1", seq=n, step=0, **own)])
+    counts = {"target_counts": {"0": 3, "1": 5}}
+    store.ingest_batch(session, frames=[wire.frame("signals", run_id="run-1", seq=n + 1, step=0, **counts)])
+    _, signals, _, _ = store.read_steps(session, run_id="run-1", start=0, stop=1)[0]
+    assert signals["grad_norm"] == 1.5 and signals["training"] is True, signals
+    assert signals["grad_norms"][:2] == [1.0, None] and signals["grad_norms"][2] == "NaN"
+    assert signals["target_counts"] == {"0": 3, "1": 5}
+
+
 def test_a_layer_row_sent_twice_in_one_batch_keeps_the_later_values(session: Session, run_frames: Any) -> None:
     frames = run_frames(steps=1, end=False)
     n = len(frames)

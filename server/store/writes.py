@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -200,8 +200,8 @@ def _ingest(session: Session, frames: list[dict[str, Any]], now: float, raise_al
     _upsert(session, Scalar.__table__, list(scalars.values()))
     _upsert_tuples(session, LayerStat.__table__, stats)
     _upsert_tuples(session, Histogram.__table__, hists)
-    _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS))
-    _upsert(session, RankStepSignal.__table__, _full_rows(rank_signals.values(), wire.SIGNAL_FIELDS))
+    _upsert(session, StepSignal.__table__, _full_rows(signals.values(), wire.SIGNAL_FIELDS), merge=True)
+    _upsert(session, RankStepSignal.__table__, _full_rows(rank_signals.values(), wire.SIGNAL_FIELDS), merge=True)
     for (spec, run_id, part), steps in rolled.items():
         previous_step = previous[(spec, run_id, part)]
         rollup.roll_up(session, spec, run_id=run_id, partition=dict(part), steps=steps, previous=previous_step)
@@ -302,17 +302,24 @@ def _upsert_tuples(session: Session, table: Table, rows: list[tuple[Any, ...]]) 
         _upsert(session, table, [dict(zip(names, row, strict=True)) for row in latest.values()])
 
 
-def _upsert(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert rows; a row whose primary key exists replaces the stored values."""
+def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], *, merge: bool = False) -> None:
+    """Insert rows; a row whose primary key exists replaces the stored values.
+
+    `merge`: a NULL in the new row keeps the stored value (COALESCE): a step's signals come in
+    more than one frame (the step's own, then `log(targets=...)`'s), maybe in different batches,
+    and a later frame must not erase what an earlier one stored."""
     if not rows:
         return
     keys = [c.name for c in table.primary_key.columns]
     dialect = session.get_bind().dialect.name
     if dialect in ("sqlite", "postgresql"):
         stmt = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=keys, set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-        )
+        values = {
+            c.name: func.coalesce(stmt.excluded[c.name], c) if merge else stmt.excluded[c.name]
+            for c in table.columns
+            if c.name not in keys
+        }
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_=values)
         session.execute(stmt, rows)
     else:  # other databases: slower, but the same result
         for row in rows:
@@ -323,7 +330,7 @@ def _upsert(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
                 session.execute(
                     table.update()
                     .where(*(table.c[k] == row[k] for k in keys))
-                    .values({k: v for k, v in row.items() if k not in keys})
+                    .values({k: v for k, v in row.items() if k not in keys and not (merge and v is None)})
                 )
 
 
