@@ -44,7 +44,7 @@ from client_hook.training.collector import Collector, Sample
 from client_hook.training.distributed import Distributed, join_run
 from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs
 from client_hook.training.sampling import DEFAULT_OVERHEAD, NoSamples, Schedule
-from client_hook.training.signals import target_counts
+from client_hook.training.signals import target_check, target_counts
 from client_hook.training.tensors import HostCopy
 from client_hook.training.wrapped import find_scaler, unwrap_optimizer, unwrap_parallel
 
@@ -290,7 +290,9 @@ class Monitor:
         `loss` (float or tensor) ends a step when there is no optimizer. Scalars
         logged without a loss (e.g. `val_loss`) belong to the latest step.
         `targets` (class labels) are counted for the data checks (single-class
-        batches, class imbalance); other targets are ignored.
+        batches, class imbalance); any targets' shape is compared with the step's
+        output (shape_mismatch), and in the first steps the loss with what the
+        output's rows would give (softmax_before_loss).
         """
         if self._closed:
             self._warn_once("closed", "layerwatch: log() after close() is ignored")
@@ -416,6 +418,11 @@ class Monitor:
         counts = target_counts(step, targets) if targets is not None else None
         if counts is not None:
             self._sender.submit(counts)
+        checked = (
+            target_check(step, targets, loss, self._collector.signals.last_output) if targets is not None else None
+        )
+        if checked is not None:
+            self._sender.submit(checked)
         if loss is not None and self.optimizer is None:
             self._collector.finish_step_without_optimizer()
 

@@ -114,6 +114,13 @@ FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "reme
 #   grad_norms       every parameter's gradient L2 norm, aligned with run_start's model["tensors"] labels
 #                    (model.parameters() order, "layer.param"); null where the parameter had no gradient
 #                    (None, or sparse) at this step; NaN/Infinity where it held non-finite values
+#   output_info      the model's output at this step (the first steps, then now and then): {"shape": [...]}, and
+#                    for an output with a class (last) dimension "min", "max", "row_sum_error" (max |row sum - 1|),
+#                    "logsumexp", "p_max", "p_min" (row means) over its first rows
+#   target_info      from log(targets=...): {"shape": [...], "float": bool}; in the first steps "loss_matches"
+#                    (which of "cross_entropy", "nll_of_log" of probability outputs equal the logged loss) or,
+#                    for float targets of another shape than the output, "broadcast_matches" and
+#                    "aligned_matches" (which of "mse", "l1", "smooth_l1" equal it, broadcast or reshaped)
 SIGNAL_FIELDS: tuple[str, ...] = (
     "training",
     "input_mean",
@@ -128,6 +135,8 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "target_counts",
     "skipped",
     "grad_norms",
+    "output_info",
+    "target_info",
 )
 RUN_END_STATUSES: tuple[str, ...] = ("finished", "crashed")
 # What the training's loss is, as `attach(objective=...)` declares it in run_start's config: "minimize"
@@ -436,6 +445,8 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "skipped": _bool_or_null,
         "target_counts": _class_counts,
         "grad_norms": _norms,
+        "output_info": _object_or_null,
+        "target_info": _object_or_null,
     },
     "findings": {},
     "layer_stats": {"every": _count},

@@ -119,6 +119,8 @@ class SignalColumns:
     grads_stale: Mapped[bool | None] = mapped_column(Boolean)
     target_counts: Mapped[dict[str, int] | None] = mapped_column(SIGNAL_JSON)
     skipped: Mapped[bool | None] = mapped_column(Boolean)  # newer than the table: db.py adds it to older databases
+    output_info: Mapped[dict[str, Any] | None] = mapped_column(SIGNAL_JSON)  # newer too (db.py adds them)
+    target_info: Mapped[dict[str, Any] | None] = mapped_column(SIGNAL_JSON)
     grad_norms: Mapped[list[float | None] | None] = mapped_column(
         SIGNAL_JSON
     )  # newer too; aligned with model["tensors"]

@@ -34,6 +34,7 @@ non-blocking (the sender thread waits, not training).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -47,6 +48,12 @@ FINGERPRINT_ELEMENTS = 256  # strided input elements read for mean, std (error ~
 MAX_LOCALISATIONS = 3  # non-finite forwards replayed per run to name the first bad module
 TARGET_ELEMENTS = 1 << 16  # at most this many target elements are counted per step (strided)
 PROBE_ELEMENTS = 1024  # gradient elements read at the start of backward to tell stale from zeroed
+OUTPUT_STEPS = 60  # the first steps whose output is probed (what kind of numbers the model returns) ...
+OUTPUT_EVERY = 50  # ... and every this many steps after them
+OUTPUT_ROWS = 64  # output rows (along the last dimension) the probe reads
+KEEP_STEPS = 20  # the first steps whose probability outputs are kept until log(targets=...) to name the loss
+KEEP_NUMEL = 1 << 20  # ... if at most this many elements (a reference, not a copy)
+PROB_ATOL = 1e-3  # rows are probabilities when non-negative and summing to 1 this closely (preflight's)
 NORM_DIGITS = 4  # significant digits of each per-tensor gradient norm sent every step
 PROBE_MIN_NUMEL = 8  # the probe is the smallest parameter of at least this size (a bias, usually)
 # Modules that draw random numbers in training mode: their forwards are replayed with the same RNG state.
@@ -153,6 +160,9 @@ class SignalsItem:
         if "output_nonfinite" in fields:
             fields["output_nonfinite"] = not math.isfinite(v[at])
             at += 1
+        if fields.get("output_info", {}).pop("pending", False):
+            fields["output_info"].update(zip(PROBE_STATS, v[at : at + len(PROBE_STATS)]))
+            at += len(PROBE_STATS)
         if "grads_stale" in fields:
             fields["grads_stale"] = v[at] != 0  # max |g| of the probe: any non-zero (or NaN) element
             at += 1
@@ -239,6 +249,9 @@ class StepSignals:
         self._labels: list[str] = []
         self._half = any(p.dtype in (torch.float16, torch.bfloat16) for _, p in params)  # fixed at attach
         self._present: list[bool] = []  # which parameters had a gradient when `_labels` was built
+        self._steps = 0  # steps ended so far (the output probe's schedule)
+        # (step, output shape, the output if it may be probabilities): read by `target_check` at log().
+        self.last_output: tuple[int, list[int], torch.Tensor | None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -248,6 +261,7 @@ class StepSignals:
         self._input_tokens = False
         self._input_nonfinite: int | None = None  # counted on the host (CPU), from the output's sum
         self._output_sum: torch.Tensor | float | None = None
+        self._output: tuple[list[int], torch.Tensor | None, torch.Tensor | None] | None = None
         self._stale: torch.Tensor | float | None = None
         self._norms: list[torch.Tensor] | None = None
         self._device: torch.device | None = None
@@ -290,6 +304,8 @@ class StepSignals:
         out = first_float_tensor(output)
         if out is None:
             return
+        if self._output is None and (self._steps < OUTPUT_STEPS or self._steps % OUTPUT_EVERY == 0):
+            self._output = output_probe(out, keep=self._steps < KEEP_STEPS)  # the step's first forward only
         # Non-finite iff an element is (or it overflows float32: absurd anyway); hooks run under no_grad.
         total = out.sum(dtype=_sum_dtype(out.dtype))
         if out.device.type != "cpu":  # reading it would be a device sync: the sender thread reads it
@@ -411,6 +427,13 @@ class StepSignals:
         if self._output_sum is not None:
             fields["output_nonfinite"] = None  # filled in by the sender thread
             values.append(self._output_sum)
+        if self._output is not None:
+            shape, probe, kept = self._output
+            fields["output_info"] = {"shape": shape}
+            if probe is not None:
+                fields["output_info"]["pending"] = True  # its statistics are filled in by the sender thread
+                values.append(probe)
+            self.last_output = (step, shape, kept)
         if self._stale is not None:
             fields["grads_stale"] = None
             values.append(self._stale)
@@ -428,6 +451,7 @@ class StepSignals:
         )
         self._watch(self._probe_candidate())
         self._check_stale = True
+        self._steps += 1
         self._reset()
         return item
 
@@ -487,6 +511,127 @@ class StepSignals:
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
         return found[0] if found else self._names.get(self.model, "")
+
+
+# What `output_probe` measures on the output's first OUTPUT_ROWS rows (along its last dimension).
+PROBE_STATS: tuple[str, ...] = ("min", "max", "row_sum_error", "logsumexp", "p_max", "p_min")
+
+
+def output_probe(out: torch.Tensor, *, keep: bool) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """(shape, statistics, kept) of the model's output at one training forward (under no_grad).
+
+    The statistics (PROBE_STATS, one small vector, read with the step's other values)
+    say what kind of numbers the model returns: probabilities have min >= 0, max <= 1
+    and rows summing to 1 (`row_sum_error`); `logsumexp`, `p_max` and `p_min` are
+    row means, what a cross-entropy applied to those rows would make of them. ~8 ops
+    on at most OUTPUT_ROWS rows, in the first OUTPUT_STEPS steps and every
+    OUTPUT_EVERY steps. `kept`: the output itself (a reference, no copy) when
+    `keep` and it is small, for `target_check` to compare the logged loss with.
+    """
+    shape = list(out.shape)
+    kept = out.detach() if keep and out.numel() <= KEEP_NUMEL else None
+    if out.dim() < 2 or out.shape[-1] < 2:
+        return shape, None, kept  # no class dimension: a regression output, a scalar loss
+    lead = (slice(0, OUTPUT_ROWS),) if out.dim() == 2 else tuple(slice(0, 8) for _ in range(out.dim() - 1))
+    rows = out[lead].reshape(-1, out.shape[-1]).float()  # a small copy: <= 64 rows
+    row_max, row_min = rows.amax(-1), rows.amin(-1)
+    stats = torch.stack(
+        [
+            row_min.min(),
+            row_max.max(),
+            (rows.sum(-1) - 1).abs().max(),
+            rows.logsumexp(-1).mean(),
+            row_max.mean(),
+            row_min.mean(),
+        ]
+    )
+    return shape, stats, kept
+
+
+def target_check(step: int, targets: Any, loss: Any, last_output: Any) -> _TargetCheck | None:
+    """What `log(targets=..., loss=...)` can tell about how the output meets the targets, as a signals item.
+
+    Always the targets' shape and kind (class labels or floats), for shape_mismatch
+    against the step's output shape. When the step's output was kept and its rows are
+    probabilities, also which losses of those probabilities equal the logged loss:
+    "cross_entropy" (the rows taken as logits: a double softmax) and "nll_of_log"
+    (-log p of the target: right). A few ops on at most KEEP_NUMEL elements, in the
+    first KEEP_STEPS steps only.
+    """
+    if not isinstance(targets, torch.Tensor) or last_output is None or last_output[0] != step:
+        return None
+    try:
+        return _TargetCheck(step, _target_info(targets, loss, last_output[2]))
+    except Exception:  # never into the user's log(): the check is simply missing
+        return None
+
+
+# Elementwise regression losses the client tries, broadcast and aligned, against the logged loss.
+REGRESSION_LOSSES = {
+    "mse": torch.nn.functional.mse_loss,
+    "l1": torch.nn.functional.l1_loss,
+    "smooth_l1": torch.nn.functional.smooth_l1_loss,
+}
+
+
+def _matches(value: float, logged: float) -> bool:
+    return abs(value - logged) <= 1e-3 * max(1.0, abs(logged))
+
+
+def _regression_matches(kept: torch.Tensor, targets: torch.Tensor, logged: float) -> dict[str, list[str]]:
+    """Which elementwise losses equal the logged loss with the output broadcast against the targets (the
+    bug) and with it reshaped to the targets' shape (what a squeeze in the loop does)."""
+    out, y = kept.float(), targets.to(kept.device).float()
+    broadcast, aligned = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch warns of the broadcast: the user's own loss already did
+        for name, fn in REGRESSION_LOSSES.items():
+            if _matches(float(fn(out, y)), logged):
+                broadcast.append(name)
+            if out.numel() == y.numel() and _matches(float(fn(out.reshape(y.shape), y)), logged):
+                aligned.append(name)
+    return {"broadcast_matches": broadcast, "aligned_matches": aligned}
+
+
+def _target_info(targets: torch.Tensor, loss: Any, kept: torch.Tensor | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"shape": list(targets.shape), "float": targets.is_floating_point()}
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        logged: float | None = float(loss.detach())
+    elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        logged = float(loss)
+    else:
+        logged = None
+    if kept is None or logged is None:
+        return info
+    if targets.is_floating_point():
+        if tuple(kept.shape) != tuple(targets.shape) and targets.numel() <= KEEP_NUMEL:
+            with torch.no_grad():
+                info.update(_regression_matches(kept, targets, logged))
+        return info
+    if (
+        kept.dim() >= 2
+        and tuple(targets.shape) == tuple(kept.shape[:1]) + tuple(kept.shape[2:])  # class dim 1, as the losses take
+    ):
+        with torch.no_grad():
+            probs = kept.float()
+            if bool((probs >= 0).all()) and bool(((probs.sum(1) - 1).abs() <= PROB_ATOL).all()):
+                y = targets.to(probs.device).long()
+                candidates = {
+                    "cross_entropy": float(torch.nn.functional.cross_entropy(probs, y)),
+                    "nll_of_log": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-30).log(), y)),
+                }
+                info["loss_matches"] = [name for name, value in candidates.items() if _matches(value, logged)]
+    return info
+
+
+class _TargetCheck:
+    """A step's `target_info` signal, already a plain dict."""
+
+    def __init__(self, step: int, info: dict[str, Any]) -> None:
+        self.step, self.info = step, info
+
+    def frames(self) -> list[tuple[str, int, dict[str, Any]]]:
+        return [("signals", self.step, {"target_info": self.info})]
 
 
 def target_counts(step: int, targets: Any) -> _TargetCounts | None:

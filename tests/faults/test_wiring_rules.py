@@ -8,6 +8,9 @@ not depend on the sampling interval (each test runs at two of them).
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -197,3 +200,170 @@ def test_a_branch_used_now_and_then_is_not_no_gradient(train_and_diagnose) -> No
     alerts = train_and_diagnose(train, model, opt, every=None)
     assert not by_rule(alerts, "no_gradient"), describe(alerts)
     assert not alarms(alerts), describe(alerts)
+
+
+# ---------------------------------------------------------------- softmax_before_loss (live)
+
+
+def softmax_mlp(softmax: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)] + ([nn.Softmax(dim=-1)] if softmax else [])
+    model = nn.Sequential(*layers)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def train_softmax(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, loss_fn, log_targets: bool):
+    flat = IMAGES.flatten(1)
+
+    def train(mon) -> list[float]:
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(flat), (32,), generator=g)
+            loss = loss_fn(model(flat[idx]), LABELS[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if mon is not None:
+                mon.log(loss=loss, targets=LABELS[idx]) if log_targets else mon.log(loss=loss)
+        return losses
+
+    return train
+
+
+def nll_of_log(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.nll_loss(torch.log(probs), y)
+
+
+def test_a_softmax_before_cross_entropy_hurts_in_plain_torch() -> None:
+    bad = train_softmax(*softmax_mlp(True), 300, loss_fn=F.cross_entropy, log_targets=False)(None)
+    good = train_softmax(*softmax_mlp(True), 300, loss_fn=nll_of_log, log_targets=False)(None)
+    floor = math.log(1 + 9 / math.e)  # the lowest a cross-entropy of probabilities can go (C = 10)
+    assert min(bad) > floor and sum(good[-20:]) / 20 < 0.5 * floor
+
+
+@pytest.mark.parametrize("log_targets", [True, False])
+def test_a_softmax_before_cross_entropy_is_named_live(train_and_diagnose, log_targets: bool) -> None:
+    """A Softmax as the model's last layer, trained with CrossEntropyLoss (which applies log_softmax again):
+    https://github.com/ariecattan/SciCo/issues/2 ("stuck around 1.0 ... bounds the minimum possible loss"),
+    https://github.com/NaJaeMin92/pytorch-DANN/issues/7. With the targets logged the client matches the logged
+    loss against cross_entropy of the output rows (found at once); without them, the loss stopping at the
+    floor such outputs allow tells it (later: the loss must get there)."""
+    model, opt = softmax_mlp(True)
+    train = train_softmax(model, opt, 300, loss_fn=F.cross_entropy, log_targets=log_targets)
+    alerts = train_and_diagnose(train, model, opt, every=None)
+    found = by_rule(alerts, "softmax_before_loss")
+    assert len(found) == 1 and found[0]["layer"] == "3", describe(alerts)
+    assert found[0]["step"] <= (5 if log_targets else 300), describe(found)
+    assert "Remove the final softmax" in found[0]["remedy"]
+    assert not by_rule(alerts, "loss_plateau"), describe(alerts)  # "raise the LR" is not the fix
+
+
+def test_a_softmax_with_nll_of_its_log_is_right(train_and_diagnose) -> None:
+    model, opt = softmax_mlp(True)
+    train = train_softmax(model, opt, 200, loss_fn=nll_of_log, log_targets=True)
+    alerts = train_and_diagnose(train, model, opt, every=None)
+    assert not alarms(alerts), describe(alerts)
+
+
+# ---------------------------------------------------------------- shape_mismatch
+
+
+def regression_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = x @ torch.randn(8, generator=g) + 0.1 * torch.randn(512, generator=g)  # shape (512,)
+    return x, y
+
+
+def train_regression(squeeze: bool, steps: int = 150):
+    x, y = regression_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def train(mon) -> list[float]:
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            out = model(x[idx])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PyTorch's own warning of the bug, easy to miss in a log
+                loss = F.mse_loss(out.squeeze(-1) if squeeze else out, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if mon is not None:
+                mon.log(loss=loss, targets=y[idx])
+        return losses
+
+    return model, opt, train
+
+
+def test_an_unsqueezed_regression_output_hurts_in_plain_torch() -> None:
+    bad = train_regression(False)[2](None)
+    good = train_regression(True)[2](None)
+    assert sum(good[-20:]) < 0.2 * sum(bad[-20:]), (good[-20:], bad[-20:])
+
+
+def test_an_n_by_1_output_against_n_targets_is_a_shape_mismatch(train_and_diagnose) -> None:
+    """(N, 1) predictions against (N,) targets: MSE broadcasts to (N, N) and the model learns the mean
+    (https://github.com/timeseriesAI/tsai/issues/22, https://github.com/deepset-ai/FARM/issues/229)."""
+    model, opt, train = train_regression(False)
+    alerts = train_and_diagnose(train, model, opt, every=None)
+    found = by_rule(alerts, "shape_mismatch")
+    assert len(found) == 1 and found[0]["severity"] == "critical" and found[0]["step"] <= 3, describe(alerts)
+    assert found[0]["layer"] == "2" and "(64, 1)" in found[0]["message"] and "(64,)" in found[0]["message"]
+
+
+def test_a_squeezed_regression_output_is_fine(train_and_diagnose) -> None:
+    model, opt, train = train_regression(True)
+    alerts = train_and_diagnose(train, model, opt, every=None)
+    assert not alarms(alerts), describe(alerts)
+
+
+def test_a_stored_run_is_diagnosed_the_same_from_the_database(train_and_diagnose, diag_db) -> None:
+    """The live checks read only what is stored (grad_norms, output_info, target_info): a replay of the
+    stored rows (`layerwatch diagnose`) finds the same wiring faults."""
+    import subprocess
+    import sys
+
+    model, opt, train = train_regression(False, steps=40)
+    live = train_and_diagnose(train, model, opt, every=None, run="stored-shape-mismatch")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerwatch",
+            "diagnose",
+            train_and_diagnose.last_run_id,
+            "--db",
+            f"sqlite:///{diag_db}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert by_rule(live, "shape_mismatch") and "critical shape_mismatch [2]" in out, out
+    detached_model, detached_opt = detached(True)
+    train_and_diagnose(train_mlp(detached_model, detached_opt, 40), detached_model, detached_opt, run="stored-detach")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerwatch",
+            "diagnose",
+            train_and_diagnose.last_run_id,
+            "--db",
+            f"sqlite:///{diag_db}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "warning  no_gradient [body.2]" in out, out
