@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits, make_classification
+from sklearn.datasets import load_breast_cancer, load_digits, make_classification, make_regression
 from torch import nn
 from torch.nn import functional as F
 
@@ -290,6 +290,176 @@ def healthy_tied_lm(seed: int, steps: int = 300) -> Training:
     return Training(_supervised_loop(model, opt, context, target, steps=steps, batch=64, seed=seed), model, opt)
 
 
+class CausalLM(nn.Module):
+    """A two-layer causal transformer LM (pre-norm, learned positions, GELU), tied head, GPT-2's init."""
+
+    def __init__(self, vocab: int = 32, d_model: int = 48, context: int = 32) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model)
+        self.positions = nn.Embedding(context, d_model)
+        for embedding in (self.tokens, self.positions):
+            nn.init.normal_(embedding.weight, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            nhead=4,
+            dim_feedforward=4 * d_model,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        h = self.tokens(ids) + self.positions(torch.arange(n, device=ids.device))
+        return self.head(self.norm(self.blocks(h, mask=self.mask[:n, :n], is_causal=True)))
+
+
+def _peaked_chain(n: int, vocab: int, seed: int) -> torch.Tensor:
+    """Tokens of a first-order Markov chain with peaked transitions (learnable to ~1.2 nats from ln 32)."""
+    g = torch.Generator().manual_seed(seed)
+    transitions = torch.softmax(torch.randn(vocab, vocab, generator=g) * 3, 1)
+    tokens = [0]
+    for _ in range(n - 1):
+        tokens.append(int(torch.multinomial(transitions[tokens[-1]], 1, generator=g)))
+    return torch.tensor(tokens)
+
+
+def healthy_lm_warmup_from_zero_cosine(seed: int, steps: int = 300) -> Training:
+    """A causal transformer LM on a Markov token stream: AdamW, the LR warmed up *from 0* over 40 steps
+    (step 0 runs at lr 0, as HF's get_linear_schedule_with_warmup does), then cosine-decayed to 0 (nanoGPT's
+    schedule). Traps: an lr of 0 at the start, an LM loss that flattens far above 50% of its start, a plateau at
+    the planned end of the decay, a 0.02-std embedding, a tied head."""
+    vocab, context = 32, 32
+    stream = _peaked_chain(20000, vocab, seed)
+    torch.manual_seed(seed)
+    model = CausalLM(vocab, context=context)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = 40
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (steps - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+    def train(mon) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            starts = torch.randint(0, len(stream) - context - 1, (16,), generator=g)
+            x = torch.stack([stream[s : s + context] for s in starts])
+            y = torch.stack([stream[s + 1 : s + context + 1] for s in starts])
+            loss = F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            mon.log(loss=loss)
+
+    return Training(train, model, opt)
+
+
+def healthy_autoencoder(seed: int, steps: int = 300) -> Training:
+    """An MLP autoencoder of the digits through a 16-unit bottleneck, MSE against its input, Adam 1e-3. Traps:
+    a regression loss (no classes, no chance level), float targets of the output's own shape, a Sigmoid output."""
+    x, _ = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    torch.manual_seed(seed)
+    # A linear bottleneck, as autoencoders use: a ReLU on 16 units can die (seed 2: 12 of 16), a real finding.
+    model = nn.Sequential(
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 16),
+        nn.Linear(16, 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.Sigmoid(),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return Training(
+        _supervised_loop(model, opt, x, x, steps=steps, batch=32, seed=seed, loss_fn=F.mse_loss), model, opt
+    )
+
+
+class SqueezedRegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)  # (N,), the targets' shape
+
+
+def healthy_regression(seed: int, steps: int = 300) -> Training:
+    """A noisy regression (make_regression, standardized targets) with an MLP whose (N, 1) head is squeezed to
+    the (N,) targets, SGD with momentum and a step decay at 150. Traps: float targets, a loss with no chance
+    level, an LR cut mid-run."""
+    x, y = make_regression(n_samples=1200, n_features=10, n_informative=6, noise=10.0, random_state=seed)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    (xt,) = _standardize(xt)
+    yt = (yt - yt.mean()) / yt.std()
+    torch.manual_seed(seed)
+    model = SqueezedRegressor()
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=150, gamma=0.1)
+    train = _supervised_loop(model, opt, xt, yt, steps=steps, batch=32, seed=seed, loss_fn=F.mse_loss, scheduler=sched)
+    return Training(train, model, opt)
+
+
+class BagOfWords(nn.Module):
+    """A bag-of-words classifier over a 20,000-word vocabulary (EmbeddingBag, mean)."""
+
+    def __init__(self, vocab: int = 20000, dim: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.head = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, classes))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def healthy_big_embedding(seed: int, steps: int = 300) -> Training:
+    """Documents of 40 words from a 20,000-word vocabulary whose class (of 4) is which quarter of the vocabulary
+    most of their words come from; Adam 3e-3. Traps: an embedding of 640k parameters whose batch touches ~2,500
+    rows (every other row's gradient is exactly zero), standard-normal embedding init."""
+    vocab, classes, n = 20000, 4, 2000
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    topical = y.unsqueeze(1) * (vocab // classes) + torch.randint(0, vocab // classes, (n, 24), generator=g)
+    ids = torch.cat([topical, torch.randint(0, vocab, (n, 16), generator=g)], 1)
+    torch.manual_seed(seed)
+    model = BagOfWords(vocab, classes=classes)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return Training(_supervised_loop(model, opt, ids, y, steps=steps, batch=64, seed=seed), model, opt)
+
+
+def healthy_bf16_autocast(seed: int, steps: int = 300) -> Training:
+    """The digits MLP under CPU autocast to bfloat16 (mixed precision without a scaler, as bf16 needs none),
+    Adam 1e-3. Traps: half-precision activations and gradients flowing into float32 weights."""
+    xt, yt, _, _ = _digits(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train(mon) -> None:
+        for _, idx, _ in _epochs(len(xt), 32, steps, seed):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.log(loss=loss, targets=yt[idx])
+
+    return Training(train, model, opt)
+
+
 HEALTHY: dict[str, Callable[..., Training]] = {
     "mlp_adam": healthy_mlp_adam,
     "cnn_bn_sgd": healthy_cnn_bn_sgd,
@@ -298,4 +468,9 @@ HEALTHY: dict[str, Callable[..., Training]] = {
     "transformer": healthy_transformer,
     "frozen_first_block": healthy_frozen_first_block,
     "tied_lm": healthy_tied_lm,
+    "lm_warmup_from_zero_cosine": healthy_lm_warmup_from_zero_cosine,
+    "autoencoder": healthy_autoencoder,
+    "regression": healthy_regression,
+    "big_embedding": healthy_big_embedding,
+    "bf16_autocast": healthy_bf16_autocast,
 }

@@ -9,8 +9,10 @@ head's width when the first loss says it is a classification).
 Two ways to fire, both meaning "the model learnt nothing that depends on its
 inputs":
 - training: after START steps, the mean of the last SMOOTH losses stays
-  within BAND of chance, without a MIN_PROGRESS drop, for STUCK_STEPS steps:
-  inputs that do not reach the model, or labels that do not belong to them;
+  within BAND of chance, without a MIN_PROGRESS drop, for STUCK_STEPS steps
+  while the LR is not rising (a warm-up from ~0, as language models use, keeps
+  the loss at chance until the LR is real): inputs that do not reach the
+  model, or labels that do not belong to them;
 - validation: the last PATIENCE evaluations are no better than chance (within
   BAND or above it) while the training loss is below FITTING of chance: the
   model memorises its training labels and nothing carries over (labels
@@ -76,12 +78,16 @@ def _training(view: RunView, state: dict, chance) -> list[Finding]:
     if abs(smoothed - chance.loss) > BAND * chance.loss or _explained(view):
         history.clear()
         return []
-    history.append((view.step, smoothed))
+    history.append((view.step, smoothed, view.record.scalars.get("lr")))
+    del history[:-STUCK_STEPS]
     if len(history) < STUCK_STEPS:
         return []
-    first_step, first = history[-STUCK_STEPS]
+    first_step, first, first_lr = history[0]
     if smoothed < first * (1 - MIN_PROGRESS):
         return []  # slow, but learning
+    lr = history[-1][2]
+    if lr is not None and first_lr is not None and lr > first_lr * 1.001:
+        return []  # still warming up: the run has not had its real LR yet
     state["train_done"] = True
     message = (
         f"the training loss (mean of the last {SMOOTH}) has stayed at {fmt(smoothed)} since step {first_step}, "
