@@ -29,6 +29,12 @@ for one cause (GPT-2 from config: 13 infos a run, 5 of them its dropouts).
 An `Embedding`'s scale is the architecture's choice (GPT-2 and BERT initialise
 it at std 0.02 and normalise after it), so it gets no `info`; it still gets the
 `warning` when its scale is extreme and reaches the next module.
+
+One finding per cause: the `info`s of a run are one alert, named after the
+first module found off-scale, whose message lists every module found so far
+(a model whose projections all sit at std 0.05 has one cause, its init, not
+twelve); each `warning` is its own alert (only the first module in forward
+order where an extreme scale propagates gets one).
 """
 
 from __future__ import annotations
@@ -88,10 +94,12 @@ def check(view: RunView, state: dict) -> list[Finding]:
         if severity == "info" and view.module_type(layer) in DESIGNED_SCALE_TYPES:
             continue
         warned = warned or severity == "warning"
-        told: set = state.setdefault("told", set())
-        if severity == "info" and layer in told:
-            continue  # info is said once per layer: worth knowing, not worth repeating
-        told.add(layer)
+        told: dict = state.setdefault("told", {})  # layer -> its std when first said, in the order found
+        if severity == "info":
+            if layer not in told:
+                told[layer] = std
+                findings.append(_info(view, told))
+            continue  # info is said once per layer, in one alert for all: worth knowing, not worth repeating
         message = (
             f"the output std of {layer!r} ({view.module_type(layer)}) is {fmt(std)}, outside "
             f"[{fmt(STD_LOW)}, {fmt(STD_HIGH)}], over {count} consecutive samples (since step {since})"
@@ -102,3 +110,18 @@ def check(view: RunView, state: dict) -> list[Finding]:
         evidence = {"std": std, "next_module": following, "next_std": nxt, "since_step": since}
         findings.append(view.finding(RULE_ID, message, layer=layer, evidence=evidence, severity=severity))
     return findings
+
+
+def _info(view: RunView, told: dict) -> Finding:
+    """The run's one `info` alert: named after the first module found off-scale, listing all of them."""
+    first = next(iter(told))
+    listed = ", ".join(
+        f"{layer!r} ({view.module_type(layer)}, std {fmt(std)})" for layer, std in list(told.items())[:8]
+    )
+    more = f" and {len(told) - 8} more" if len(told) > 8 else ""
+    message = (
+        f"{len(told)} module output{'s' if len(told) > 1 else ''} off the scale [{fmt(STD_LOW)}, {fmt(STD_HIGH)}] "
+        f"on every sample over {SPAN_STEPS}+ steps: {listed}{more}"
+    )
+    evidence = {"modules": {layer: std for layer, std in told.items()}}
+    return view.finding(RULE_ID, message, layer=first, evidence=evidence, severity="info")
