@@ -188,6 +188,9 @@ def test_20_to_1_imbalance_is_only_info(train_and_diagnose) -> None:
 
 
 def test_training_in_eval_mode_is_flagged(train_and_diagnose) -> None:
+    """model.eval() for validation and never model.train() again: https://github.com/wkentaro/pytorch-fcn/issues/57
+    ("the training loss will suddenly become larger when a new epoch starts"),
+    https://github.com/pytorch/tutorials/pull/1602 (the quickstart trained in eval mode after its first epoch)."""
     x, y = digits()
     model = mlp(dropout=0.5)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -20,23 +20,14 @@ from torch import nn
 from tests.faults import test_wiring_rules as wiring
 from tests.faults.conftest import describe
 from tests.faults.healthy_models import healthy_mlp_adam
-from tests.faults.test_gradient_rules import loop
+from tests.faults.test_gradient_rules import deep_sigmoid_mlp, loop
 
 INTERVALS = (2, 60)
 
 
 def sigmoid_mlp() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[Any], None]]:
     """15 sigmoid layers with a small init: gradients vanish towards the input."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    width = 64
-    for _ in range(15):
-        linear = nn.Linear(width, 32)
-        nn.init.normal_(linear.weight, std=0.1)
-        nn.init.zeros_(linear.bias)
-        layers += [linear, nn.Sigmoid()]
-        width = 32
-    model = nn.Sequential(*layers, nn.Linear(32, 10))
+    model = deep_sigmoid_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     return model, opt, loop(model, opt, 150)
 

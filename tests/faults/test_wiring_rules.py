@@ -41,24 +41,42 @@ class FunctionalReluCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def train_cnn(model: nn.Module, opt: torch.optim.Optimizer, steps: int):
-    """`train(mon)` for the fault harness; also runs without a monitor (mon=None) for the plain-torch check."""
+def train_on_digits(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    *,
+    flat: bool = False,
+    loss_fn=F.cross_entropy,
+    log_targets: bool = False,
+):
+    """`train(mon)` on random digit batches of 32 (images, or flattened with `flat`) for the fault harness;
+    also runs without a monitor (mon=None) for the plain-torch checks. Returns the losses."""
+    inputs = IMAGES.flatten(1) if flat else IMAGES
 
     def train(mon) -> list[float]:
         g = torch.Generator().manual_seed(0)
         losses = []
         for _ in range(steps):
-            idx = torch.randint(0, len(IMAGES), (32,), generator=g)
-            loss = F.cross_entropy(model(IMAGES[idx]), LABELS[idx])
+            idx = torch.randint(0, len(inputs), (32,), generator=g)
+            loss = loss_fn(model(inputs[idx]), LABELS[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
             if mon is not None:
-                mon.log(loss=loss)
+                mon.log(loss=loss, targets=LABELS[idx]) if log_targets else mon.log(loss=loss)
         return losses
 
     return train
+
+
+def train_cnn(model: nn.Module, opt: torch.optim.Optimizer, steps: int):
+    return train_on_digits(model, opt, steps)
+
+
+def train_mlp(model: nn.Module, opt: torch.optim.Optimizer, steps: int):
+    return train_on_digits(model, opt, steps, flat=True)
 
 
 def cnn_at(lr: float, momentum: float = 0.0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -115,26 +133,6 @@ class DetachedBody(nn.Module):
         if self.detach:
             features = features.detach()
         return self.head(features)
-
-
-def train_mlp(model: nn.Module, opt: torch.optim.Optimizer, steps: int):
-    flat = IMAGES.flatten(1)
-
-    def train(mon) -> list[float]:
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in range(steps):
-            idx = torch.randint(0, len(flat), (32,), generator=g)
-            loss = F.cross_entropy(model(flat[idx]), LABELS[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if mon is not None:
-                mon.log(loss=loss)
-        return losses
-
-    return train
 
 
 def detached(detach: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -213,23 +211,7 @@ def softmax_mlp(softmax: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def train_softmax(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, loss_fn, log_targets: bool):
-    flat = IMAGES.flatten(1)
-
-    def train(mon) -> list[float]:
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in range(steps):
-            idx = torch.randint(0, len(flat), (32,), generator=g)
-            loss = loss_fn(model(flat[idx]), LABELS[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if mon is not None:
-                mon.log(loss=loss, targets=LABELS[idx]) if log_targets else mon.log(loss=loss)
-        return losses
-
-    return train
+    return train_on_digits(model, opt, steps, flat=True, loss_fn=loss_fn, log_targets=log_targets)
 
 
 def nll_of_log(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
