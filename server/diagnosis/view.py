@@ -136,8 +136,10 @@ class RunView:
         layer: str | None = None,
         evidence: dict[str, Any] | None = None,
         severity: str | None = None,
+        remedy: str | None = None,
     ) -> Finding:
-        """A finding of `rule` at this step, with the catalogue's severity and remedy unless overridden."""
+        """A finding of `rule` at this step, with the catalogue's severity and remedy unless overridden
+        (a rule overrides the remedy only where its evidence points one way: it says which evidence)."""
         info = RULES[rule]
         return Finding(
             rule=rule,
@@ -145,7 +147,7 @@ class RunView:
             layer=layer,
             step=self.step,
             message=message,
-            remedy=info.remedy,
+            remedy=remedy or info.remedy,
             evidence=json_text(evidence) if evidence else None,  # stored as written: NaN reads back "NaN"
         )
 

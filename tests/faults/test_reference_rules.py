@@ -227,6 +227,7 @@ def test_an_lr_raised_100x_mid_run_is_a_jump_of_the_loss(train_and_diagnose) -> 
     found = by_rule(alerts, "loss_diverging")
     assert found and 150 < found[0]["step"] <= 200, describe(alerts)
     assert "jumped" in found[0]["message"] and "lr went from 0.003 to 0.3" in found[0]["message"], describe(found)
+    assert found[0]["remedy"].startswith("Lower the learning rate back towards 0.003"), found[0]["remedy"]
 
 
 def test_warm_restarts_of_the_lr_are_not_a_jump(train_and_diagnose) -> None:

@@ -135,10 +135,16 @@ def _jump(view: RunView, state: dict, loss: float, lr: float | None) -> list[Fin
         f"the loss level (median of the last {LEVEL}) jumped to {fmt(level)}, {fmt(level / best[0])}x its best "
         f"{fmt(best[0])} (step {best[1]}), and has stayed there for {run} steps"
     )
+    remedy = None
     if lr is not None and lr_at_best is not None and lr != lr_at_best:
         message += f"; the lr went from {fmt(lr_at_best)} to {fmt(lr)}"
+        if lr > lr_at_best * RESTART:
+            remedy = (
+                f"Lower the learning rate back towards {fmt(lr_at_best)}: it rose to {fmt(lr)} (past anything the "
+                f"schedule had) and the loss level rose with it; resume from the checkpoint before the jump."
+            )
     evidence = {"level": level, "best_level": best[0], "best_step": best[1], "steps": run, "lr": lr}
-    return [view.finding(RULE_ID, message, evidence=evidence, severity="warning")]
+    return [view.finding(RULE_ID, message, evidence=evidence, severity="warning", remedy=remedy)]
 
 
 def _times(value: float, early: float) -> float:
