@@ -5,7 +5,7 @@ recurrent neural networks" (gradient norm spikes; clipping as the remedy);
 AutoTrainer (ICSE'21: first/last gradient-norm ratio > 70); DL4J (spikes in
 the update ratio). Signal: the per-step `grad_norm` (global L2 norm of all
 gradients as the optimizer saw them, i.e. after clipping: a clipped run is not
-exploding), every step; per-layer gradient norms on sampled steps name the layer.
+exploding), every step; the per-tensor norms of every step name the layer.
 
 Two ways to fire, both before the values overflow (NaN is non_finite's):
 - a spike: this step's norm > SPIKE_FACTOR x the median of the previous WINDOW
@@ -74,21 +74,28 @@ def _finding(view: RunView, state: dict, what: str, norm: float, window: float, 
     layer, growth = state["layer"], state["layer_growth"]
     message = f"the global gradient norm {what} at step {view.step}"
     if layer is not None:
-        message += f"; the gradient of {layer!r} grew most ({fmt(growth)}x since the first sample)"
+        message += f"; the gradient of {layer!r} grew most ({fmt(growth)}x since its first gradient)"
     evidence = {"grad_norm": norm, "window_median": window, "early_median": early, "layer_growth": growth}
     return view.finding(RULE_ID, message, layer=layer, evidence=evidence)
 
 
 def _remember_layers(view: RunView, state: dict) -> None:
-    """Per-layer gradient norms: the first sampled value of each layer, and the latest."""
-    sample = view.sample
-    if sample is None or not sample.stats:
-        return
+    """Per-layer gradient norms: the first value of each layer, and the latest. From every step's per-tensor
+    norms (`grad_norms`: the layer named does not depend on the sampling), else from the sampled rows."""
     squares: dict[str, float] = {}
-    for (layer, _param, kind), row in sample.stats.items():
-        value = row.get("norm")
-        if kind == "grad" and value is not None and math.isfinite(value):
-            squares[layer] = squares.get(layer, 0.0) + value * value
+    norms = view.record.signals.get("grad_norms")
+    tensors = view.history.tensor_info()
+    if norms and len(norms) == len(tensors):
+        for tensor, value in zip(tensors, norms):
+            if value is not None and math.isfinite(value):
+                squares[tensor.layer] = squares.get(tensor.layer, 0.0) + value * value
+    elif not tensors and view.sample is not None and view.sample.stats:
+        for (layer, _param, kind), row in view.sample.stats.items():
+            value = row.get("norm")
+            if kind == "grad" and value is not None and math.isfinite(value):
+                squares[layer] = squares.get(layer, 0.0) + value * value
+    else:
+        return
     first: dict[str, float] = state.setdefault("layer_first", {})
     for layer, sq in squares.items():
         if sq > 0:
