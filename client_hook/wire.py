@@ -116,7 +116,11 @@ FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "reme
 #                    (None, or sparse) at this step; NaN/Infinity where it held non-finite values
 #   output_info      the model's output at this step (the first steps, then now and then): {"shape": [...]}, and
 #                    for an output with a class (last) dimension "min", "max", "row_sum_error" (max |row sum - 1|),
-#                    "logsumexp", "p_max", "p_min" (row means) over its first rows
+#                    "logsumexp", "p_max", "p_min" (row means) over its first rows; once the backward reached it,
+#                    what its gradient g says of the loss: "grad_row_sum" (max |row sum of g| / mean row |g| sum:
+#                    ~0 when the loss applies a softmax), and of the targets t = softmax(rows) - n*g (the cross-
+#                    entropy's inverse; "reduction" "mean": n the output's row count, "sum": n = 1) the smallest
+#                    element "targets_min", the rows' mean largest "targets_peak", the largest second "targets_second"
 #   target_info      from log(targets=...): {"shape": [...], "float": bool}; in the first steps "loss_matches"
 #                    (which of "cross_entropy", "nll_of_log" of probability outputs equal the logged loss) or,
 #                    for float targets of another shape than the output, "broadcast_matches" and

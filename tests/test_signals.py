@@ -317,3 +317,48 @@ def test_queued_cpu_signals_hold_no_tensor() -> None:
     # ... and the frame they make is complete.
     fields = items[-1].frames()[0][2]
     assert fields["grad_norm"] > 0 and fields["output_nonfinite"] is False and fields["grads_stale"] is False
+
+
+def softmax_output_info(loss_fn) -> dict:
+    """The first step's output_info of a 5-class Softmax model trained with `loss_fn(probabilities, labels)`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5), nn.Softmax(-1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = monitor.attach(model, opt, server=NOWHERE, every=5, close_timeout=0.1)
+    x, y = torch.randn(32, 6), torch.randint(0, 5, (32,))
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    mon.log(loss=loss)
+    info = signals_by_step(mon)[0]["output_info"]
+    mon.close()
+    return info
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "peak", "reduction"),
+    [
+        (F.cross_entropy, 1.0, "mean"),
+        (lambda p, y: F.cross_entropy(p, y, reduction="sum"), 1.0, "sum"),
+        (lambda p, y: F.cross_entropy(p, y, label_smoothing=0.2), 0.8 + 0.2 / 5, "mean"),
+    ],
+    ids=["mean", "sum", "smoothed"],
+)
+def test_the_output_gradient_gives_a_cross_entropy_its_targets_back(loss_fn, peak: float, reduction: str) -> None:
+    """A cross-entropy over the output's rows sends back (softmax(rows) - targets)/n: the probe recovers the
+    targets (one-hot, or smoothed) from it whatever the reduction, with rows summing to 0."""
+    info = softmax_output_info(loss_fn)
+    assert info["grad_row_sum"] < 1e-5 and info["reduction"] == reduction, info
+    assert info["targets_peak"] == pytest.approx(peak, abs=1e-4)
+    assert abs(info["targets_min"]) < 0.05 and info["targets_second"] < 0.05, info
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [lambda p, y: F.nll_loss(p.log(), y), lambda p, y: F.mse_loss(p, F.one_hot(y, 5).float())],
+    ids=["nll_of_log", "brier"],
+)
+def test_losses_of_probabilities_imply_no_one_hot_targets(loss_fn) -> None:
+    info = softmax_output_info(loss_fn)
+    one_hot = info["grad_row_sum"] < 1e-3 and info["targets_peak"] > 0.85 and info["targets_second"] < 0.05
+    assert not one_hot, info

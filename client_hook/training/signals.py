@@ -163,6 +163,9 @@ class SignalsItem:
         if fields.get("output_info", {}).pop("pending", False):
             fields["output_info"].update(zip(PROBE_STATS, v[at : at + len(PROBE_STATS)]))
             at += len(PROBE_STATS)
+            if fields["output_info"].pop("grad_pending", False):
+                fields["output_info"].update(_implied_targets(v[at : at + len(GRAD_PROBE_STATS)]))
+                at += len(GRAD_PROBE_STATS)
         if "grads_stale" in fields:
             fields["grads_stale"] = v[at] != 0  # max |g| of the probe: any non-zero (or NaN) element
             at += 1
@@ -262,6 +265,7 @@ class StepSignals:
         self._input_nonfinite: int | None = None  # counted on the host (CPU), from the output's sum
         self._output_sum: torch.Tensor | float | None = None
         self._output: tuple[list[int], torch.Tensor | None, torch.Tensor | None] | None = None
+        self._output_grad: list[torch.Tensor] = []  # filled by `output_grad_probe` in the step's backward
         self._stale: torch.Tensor | float | None = None
         self._norms: list[torch.Tensor] | None = None
         self._device: torch.device | None = None
@@ -306,6 +310,9 @@ class StepSignals:
             return
         if self._output is None and (self._steps < OUTPUT_STEPS or self._steps % OUTPUT_EVERY == 0):
             self._output = output_probe(out, keep=self._steps < KEEP_STEPS)  # the step's first forward only
+            if self._output[1] is not None:
+                self._output_grad = []
+                output_grad_probe(out, self._output_grad)
         # Non-finite iff an element is (or it overflows float32: absurd anyway); hooks run under no_grad.
         total = out.sum(dtype=_sum_dtype(out.dtype))
         if out.device.type != "cpu":  # reading it would be a device sync: the sender thread reads it
@@ -433,6 +440,9 @@ class StepSignals:
             if probe is not None:
                 fields["output_info"]["pending"] = True  # its statistics are filled in by the sender thread
                 values.append(probe)
+                if self._output_grad:  # the backward reached the output (it has before the optimizer steps)
+                    fields["output_info"]["grad_pending"] = True
+                    values.append(self._output_grad[0])
             self.last_output = (step, shape, kept)
         if self._stale is not None:
             fields["grads_stale"] = None
@@ -532,8 +542,7 @@ def output_probe(out: torch.Tensor, *, keep: bool) -> tuple[list[int], torch.Ten
     kept = out.detach() if keep and out.numel() <= KEEP_NUMEL else None
     if out.dim() < 2 or out.shape[-1] < 2:
         return shape, None, kept  # no class dimension: a regression output, a scalar loss
-    lead = (slice(0, OUTPUT_ROWS),) if out.dim() == 2 else tuple(slice(0, 8) for _ in range(out.dim() - 1))
-    rows = out[lead].reshape(-1, out.shape[-1]).float()  # a small copy: <= 64 rows
+    rows = out[_probe_rows(out)].reshape(-1, out.shape[-1]).float()  # a small copy: <= 64 rows
     row_max, row_min = rows.amax(-1), rows.amin(-1)
     stats = torch.stack(
         [
@@ -546,6 +555,79 @@ def output_probe(out: torch.Tensor, *, keep: bool) -> tuple[list[int], torch.Ten
         ]
     )
     return shape, stats, kept
+
+
+def _probe_rows(out: torch.Tensor) -> tuple[slice, ...]:
+    """The index of the output's first rows the probes read (at most OUTPUT_ROWS of its last dimension)."""
+    return (slice(0, OUTPUT_ROWS),) if out.dim() == 2 else tuple(slice(0, 8) for _ in range(out.dim() - 1))
+
+
+# What `output_grad_probe` measures of the gradient the loss sends back to the output's probed rows g,
+# with s = softmax(rows): the largest |row sum of g| relative to the rows' mean |g| sum, and of
+# t = s - n*g (n the output's row count: a mean-reduced loss) and of t = s - g (a summed one), the
+# smallest element, the rows' mean largest element and the largest second-largest element.
+GRAD_PROBE_STATS: tuple[str, ...] = (
+    "grad_row_sum",
+    "mean_min",
+    "mean_peak",
+    "mean_second",
+    "sum_min",
+    "sum_peak",
+    "sum_second",
+)
+
+
+def output_grad_probe(out: torch.Tensor, slot: list[torch.Tensor]) -> None:
+    """Register a hook on the output that puts GRAD_PROBE_STATS of its gradient in `slot` when the backward
+    reaches it: what the loss did with these rows, read from its gradient alone (no targets, no loss tensor).
+
+    A loss that applies a softmax to its input (cross_entropy, which takes logits) is blind to a constant
+    added to a row, so the rows of its gradient sum to 0; and cross_entropy's gradient is
+    (softmax(rows) - targets) / n, so s - n*g gives back the targets: one-hot (or label-smoothed) rows.
+    For rows that are already probabilities that is the double softmax, told apart from the right losses
+    (NLL of their log, BCE, MSE), whose gradients do neither. ~10 ops on <= OUTPUT_ROWS rows, on probed
+    steps only; the tensors are read with the step's other values.
+    """
+    if not out.requires_grad or out.dim() < 2 or out.shape[-1] < 3:
+        return  # two classes: s - n*g of an MSE on one-hot targets is one-hot too, near uniform outputs
+    lead, classes = _probe_rows(out), out.shape[-1]
+    rows_total = out.numel() // classes
+    with torch.no_grad():
+        soft = out.detach()[lead].reshape(-1, classes).float().softmax(-1)
+
+    def at_grad(grad: torch.Tensor) -> None:
+        try:
+            with torch.no_grad():
+                g = grad[lead].reshape(-1, classes).float()
+                scale = g.abs().sum(-1).mean().clamp_min(torch.finfo(torch.float32).tiny)
+                parts = [g.sum(-1).abs().max() / scale]
+                for t in (soft - g * rows_total, soft - g):
+                    top = t.topk(2, dim=-1).values
+                    parts += [t.amin(), top[:, 0].mean(), top[:, 1].max()]
+                slot[:] = [torch.stack(parts)]
+        except Exception:  # never into the user's backward: the reading is simply missing
+            slot.clear()
+
+    out.register_hook(at_grad)
+
+
+def _implied_targets(values: list[float]) -> dict[str, Any]:
+    """output_info's reading of the output's gradient (GRAD_PROBE_STATS): "grad_row_sum" and, of the two
+    reductions, the one whose implied targets are nearer one-hot rows: "targets_min", "targets_peak"
+    and "targets_second" of s - n*g or s - g, and "reduction" ("mean" or "sum")."""
+    stats = dict(zip(GRAD_PROBE_STATS, values))
+    off = {  # how far each reading is from one-hot rows (0 for a one-hot row)
+        r: abs(stats[f"{r}_peak"] - 1) + max(0.0, -stats[f"{r}_min"]) + max(0.0, stats[f"{r}_second"])
+        for r in ("mean", "sum")
+    }
+    reduction = "sum" if off["sum"] < off["mean"] else "mean"  # NaN: "mean", the usual one
+    return {
+        "grad_row_sum": stats["grad_row_sum"],
+        "targets_min": stats[f"{reduction}_min"],
+        "targets_peak": stats[f"{reduction}_peak"],
+        "targets_second": stats[f"{reduction}_second"],
+        "reduction": reduction,
+    }
 
 
 def target_check(step: int, targets: Any, loss: Any, last_output: Any) -> _TargetCheck | None:

@@ -8,7 +8,16 @@ targets are logged, `target_info.loss_matches` (the client computed
 cross_entropy and -log p of those rows against the targets and compared them
 with the logged loss).
 
-Two ways to know:
+Three ways to know:
+- from the gradient, without targets or the loss: a loss that applies a softmax
+  to its input is blind to a constant added to a row, so the rows of the
+  gradient it sends back to the output sum to 0 (`grad_row_sum` below
+  GRAD_SUM_ATOL), and cross_entropy's gradient is (softmax(rows) - targets)/n,
+  so softmax(rows) - n*g gives the targets back: one-hot or label-smoothed
+  rows (`targets_min` >= -TARGETS_ATOL, `targets_peak` >= TARGETS_PEAK,
+  `targets_second` <= TARGETS_SECOND) on CONFIRM probed steps. The right losses
+  of probabilities (NLL of their log, BCE, MSE against one-hot rows) give
+  neither; three classes at least (the client's probe);
 - exactly, with targets: the logged loss equals cross_entropy(probabilities)
   and not -log p (NLLLoss on their log, the right pairing) on CONFIRM steps;
 - from the loss, without targets: a cross-entropy over probabilities cannot go
@@ -31,6 +40,10 @@ RULE_ID = "softmax_before_loss"
 PROB_ATOL = 1e-3  # rows summing to 1 this closely are probabilities (preflight's PROB_SUM_ATOL)
 CONFIRM = 2  # steps where the logged loss is cross_entropy of the probabilities (and not -log p)
 PROBED = 3  # probed steps with probability outputs before the loss-floor reading counts
+GRAD_SUM_ATOL = 1e-3  # rows of a softmax's input gradient sum to 0 up to float rounding (~1e-7 relative)
+TARGETS_ATOL = 0.02  # implied targets this far below 0 are still 0 (bf16/fp16 gradients round)
+TARGETS_PEAK = 0.85  # the rows' mean largest implied target: one-hot, or label smoothing up to ~0.15
+TARGETS_SECOND = 0.05  # no other implied target above this (a smoothed row's eps/C)
 FLOOR_BAND = 0.25  # within 25% of the way from ln C down to the floor
 SMOOTH = 20  # losses averaged
 STALL_STEPS = 30  # ... improving by less than STALL over this many steps
@@ -47,6 +60,15 @@ def check(view: RunView, state: dict) -> list[Finding]:
         state["probed"] = state.get("probed", 0) + 1 if probabilities else 0
         if probabilities:
             state["classes"] = int(info["shape"][-1])
+            state["implied"] = state.get("implied", 0) + 1 if _implies_targets(info) else 0
+            if state["implied"] >= CONFIRM:
+                return _finding(
+                    view,
+                    state,
+                    f"the gradient the loss sends back to them is softmax(outputs) - targets (its rows sum to "
+                    f"{fmt(info['grad_row_sum'])} of their size, and softmax(outputs) minus it gives one-hot rows, "
+                    f"mean top {fmt(info['targets_peak'])}): the loss is a cross-entropy that takes logits",
+                )
         else:
             state.pop("classes", None)
     matches = (signals.get("target_info") or {}).get("loss_matches")
@@ -72,6 +94,19 @@ def _probabilities(info: dict) -> bool:
         )
     except (TypeError, KeyError):
         return False
+
+
+def _implies_targets(info: dict) -> bool:
+    """Whether the output's gradient is cross_entropy's: rows summing to 0, and softmax(rows) minus it one-hot."""
+    try:
+        return (
+            info["grad_row_sum"] <= GRAD_SUM_ATOL
+            and info["targets_min"] >= -TARGETS_ATOL
+            and info["targets_peak"] >= TARGETS_PEAK
+            and info["targets_second"] <= TARGETS_SECOND
+        )
+    except (TypeError, KeyError):
+        return False  # an older client, a step whose backward did not reach the output
 
 
 def _from_the_loss_floor(view: RunView, state: dict) -> list[Finding]:
