@@ -42,7 +42,7 @@ from client_hook.preflight.run import OptimizerArg
 from client_hook.sending.sender import DEFAULT_MEMORY_BYTES, DEFAULT_SPOOL_BYTES, Frame, Sender, check_limits
 from client_hook.training.collector import Collector, Sample
 from client_hook.training.distributed import Distributed, join_run
-from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs
+from client_hook.training.model_info import describe_model, describe_optimizer, group_lrs, weight_rms
 from client_hook.training.sampling import DEFAULT_OVERHEAD, NoSamples, Schedule
 from client_hook.training.signals import target_check, target_counts
 from client_hook.training.tensors import HostCopy
@@ -258,6 +258,8 @@ class Monitor:
             on_alert=on_alert,
             **(sender_limits or {}),
         )
+        # Read now, at attach (a device sync here costs nothing; at the first forward it would be the step's).
+        self._weight_rms = weight_rms(model)
         self._collector = Collector(
             model, optimizer, schedule=schedule, emit=self._emit_sample, on_forward_order=self._start
         )
@@ -371,7 +373,7 @@ class Monitor:
                 name=self.run,
                 project=self.project,
                 time=time.time(),
-                model=describe_model(self._collector.inner, forward_order, optimized),
+                model=describe_model(self._collector.inner, forward_order, optimized, self._weight_rms),
                 optimizer=describe_optimizer(self.optimizer),
                 config=config,
             )

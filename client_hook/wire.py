@@ -114,6 +114,9 @@ FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "reme
 #   grad_norms       every parameter's gradient L2 norm, aligned with run_start's model["tensors"] labels
 #                    (model.parameters() order, "layer.param"); null where the parameter had no gradient
 #                    (None, or sparse) at this step; NaN/Infinity where it held non-finite values
+#   update_ratios    every parameter's ||w_after - w_before|| / ||w_before|| across this optimizer step, from a
+#                    fixed subset of its elements, aligned like grad_norms; null where frozen. On a fixed schedule
+#                    of steps (every step of the first 50, then every 5th), so the same steps on every machine
 #   output_info      the model's output at this step (the first steps, then now and then): {"shape": [...]}, and
 #                    for an output with a class (last) dimension "min", "max", "row_sum_error" (max |row sum - 1|),
 #                    "logsumexp", "p_max", "p_min" (row means) over its first rows; once the backward reached it,
@@ -139,6 +142,7 @@ SIGNAL_FIELDS: tuple[str, ...] = (
     "target_counts",
     "skipped",
     "grad_norms",
+    "update_ratios",
     "output_info",
     "target_info",
 )
@@ -449,6 +453,7 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "skipped": _bool_or_null,
         "target_counts": _class_counts,
         "grad_norms": _norms,
+        "update_ratios": _norms,
         "output_info": _object_or_null,
         "target_info": _object_or_null,
     },

@@ -124,6 +124,7 @@ class SignalColumns:
     grad_norms: Mapped[list[float | None] | None] = mapped_column(
         SIGNAL_JSON
     )  # newer too; aligned with model["tensors"]
+    update_ratios: Mapped[list[float | None] | None] = mapped_column(SIGNAL_JSON)  # newer too; the same alignment
 
 
 class StepSignal(SignalColumns, Base):

@@ -143,6 +143,8 @@ class Collector:
         self._handles.append(model.register_forward_hook(after, with_kwargs=True))
         if optimizer is not None:
             self._read_norms = self._guard("signals", self.signals.read_grad_norms, timed=False)
+            self._before_update = self._guard("signals", self.signals.before_update, timed=False)
+            self._after_update = self._guard("signals", self.signals.after_update, timed=False)
             # One step pre-hook for both (each hook call and guard costs a few us, every step).
             self._handles.append(optimizer.register_step_pre_hook(self._step_pre_hook))
             # Not guarded like the others: counting steps must go on even if sampling went quiet.
@@ -280,6 +282,7 @@ class Collector:
         the step that applies them. Returns the new (args, kwargs) then, None otherwise (unchanged).
         """
         sampled = self.is_sampled(self.step) and "optimizer" not in self._quiet
+        self._before_update(self.step)  # the weights do not change before the update itself
         try:
             self._remember_lrs()
             # `args` starts with the optimizer itself (torch calls step(self, closure=None) through the hooks).
@@ -361,6 +364,7 @@ class Collector:
             self._go_quiet("activation")
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._after_update()
         sampled = self.is_sampled(self.step)
         if sampled and "optimizer" not in self._quiet:
             self._timed(self._summarize_step, with_ratios=True)

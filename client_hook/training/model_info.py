@@ -8,6 +8,7 @@ called follow in registration order, marked `called: false`.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -28,13 +29,17 @@ def param_owners(model: nn.Module) -> dict[int, tuple[str, str]]:
     return owners
 
 
-def describe_model(model: nn.Module, forward_order: list[str] | None, optimized: set[int]) -> dict[str, Any]:
-    """The `model` field of run_start: modules in forward order with their parameters."""
+def describe_model(
+    model: nn.Module, forward_order: list[str] | None, optimized: set[int], rms: dict[int, float] | None = None
+) -> dict[str, Any]:
+    """The `model` field of run_start: modules in forward order with their parameters; `rms`: each
+    parameter's RMS by id (`weight_rms`, read at attach), measured now if not given."""
     modules = dict(model.named_modules())
     order = [name for name in (forward_order or []) if name in modules]
     called = set(order)
     order += [name for name in modules if name not in called]
     owners = param_owners(model)
+    rms = weight_rms(model) if rms is None else rms
     described = []
     for name in order:
         module = modules[name]
@@ -49,6 +54,7 @@ def describe_model(model: nn.Module, forward_order: list[str] | None, optimized:
                     "numel": param.numel(),
                     "requires_grad": param.requires_grad,
                     "in_optimizer": id(param) in optimized,
+                    "rms": rms.get(id(param)),
                 }
             )
         described.append(
@@ -66,6 +72,28 @@ def describe_model(model: nn.Module, forward_order: list[str] | None, optimized:
         # The labels the signals' per-step `grad_norms` are aligned with (wire.SIGNAL_FIELDS).
         "tensors": tensor_labels(model),
     }
+
+
+def weight_rms(model: nn.Module) -> dict[int, float]:
+    """id(parameter) -> its RMS now (at attach): one fused norm per device, read back once. The rules judge
+    an update ratio against it (a weight that starts far below the others is meant to grow fast)."""
+    by_device: dict[torch.device, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.numel() and p.is_floating_point() and p.device.type != "meta":
+            by_device.setdefault(p.device, []).append(p)
+    out: dict[int, float] = {}
+    for params in by_device.values():
+        try:
+            with torch.no_grad():
+                # float32 norms of half tensors without a float32 copy of the model
+                norms = torch.stack(torch._foreach_norm([p.detach() for p in params], 2, dtype=torch.float32))
+                norms = norms.tolist()
+        except Exception:  # a parameter kind the fused norm does not take: the RMS is simply missing
+            continue
+        for p, norm in zip(params, norms):
+            if math.isfinite(norm):
+                out[id(p)] = float(f"{norm / p.numel() ** 0.5:.4g}")
+    return out
 
 
 def tensor_labels(model: nn.Module) -> list[str]:

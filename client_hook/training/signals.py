@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from client_hook.training import stats
+from client_hook.training import stats, updates
 from client_hook.training.tensors import HostCopy, batch_tensor, first_float_tensor
 
 FINGERPRINT_ELEMENTS = 256  # strided input elements read for mean, std (error ~1/16 of std) and the fingerprint
@@ -116,7 +116,7 @@ class SignalsItem:
     host once, non-blocking (`packed`), and the sender thread waits for that copy.
     """
 
-    __slots__ = ("step", "fields", "values", "labels", "present", "input_n", "tokens", "_copy")
+    __slots__ = ("step", "fields", "values", "labels", "present", "input_n", "tokens", "ratios", "_copy")
 
     def __init__(
         self,
@@ -128,11 +128,14 @@ class SignalsItem:
         packed: bool,
         tokens: bool = False,
         present: list[bool] | None = None,
+        ratios: tuple[updates.UpdateProbe, int] | None = None,
     ) -> None:
         """`tokens`: the input batch is integer (token ids): fingerprinted, but a mean and std of ids mean nothing.
-        `present`: per model tensor, whether it had a gradient (whose norm is among `values`, in that order)."""
+        `present`: per model tensor, whether it had a gradient (whose norm is among `values`, in that order).
+        `ratios`: the update probe and how many update ratios are among `values` (before the norms)."""
         self.step, self.fields, self.labels, self.input_n, self.tokens = step, fields, labels, input_n, tokens
         self.present = present or []
+        self.ratios = ratios
         self._copy = HostCopy(_pack(values)) if packed else None
         # On the CPU the values are read now, in the training thread (~0.3 us each): an item waits
         # up to a sender window (several steps) in the queue, and small tensors kept alive that
@@ -169,6 +172,10 @@ class SignalsItem:
         if "grads_stale" in fields:
             fields["grads_stale"] = v[at] != 0  # max |g| of the probe: any non-zero (or NaN) element
             at += 1
+        if self.ratios is not None:
+            probe, count = self.ratios
+            fields["update_ratios"] = probe.per_tensor(v[at : at + count])
+            at += count
         if self.labels:
             norms = v[at:]
             # The global L2 norm, summed in float64 here: inf if a norm is inf, NaN if one is NaN.
@@ -252,6 +259,7 @@ class StepSignals:
         self._labels: list[str] = []
         self._half = any(p.dtype in (torch.float16, torch.bfloat16) for _, p in params)  # fixed at attach
         self._present: list[bool] = []  # which parameters had a gradient when `_labels` was built
+        self._updates = updates.UpdateProbe([p for _, p in params])
         self._steps = 0  # steps ended so far (the output probe's schedule)
         # (step, output shape, the output if it may be probabilities): read by `target_check` at log().
         self.last_output: tuple[int, list[int], torch.Tensor | None] | None = None
@@ -267,6 +275,7 @@ class StepSignals:
         self._output: tuple[list[int], torch.Tensor | None, torch.Tensor | None] | None = None
         self._output_grad: list[torch.Tensor] = []  # filled by `output_grad_probe` in the step's backward
         self._stale: torch.Tensor | float | None = None
+        self._ratios: torch.Tensor | None = None  # this step's update ratios (`updates.due` steps)
         self._norms: list[torch.Tensor] | None = None
         self._device: torch.device | None = None
         self._first_nonfinite: str | None = None
@@ -404,6 +413,17 @@ class StepSignals:
         self._norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if self._half else torch._foreach_norm(grads)
         self._device = self._device or grads[0].device
 
+    def before_update(self, step: int) -> None:
+        """Before optimizer step `step` updates the weights: copy their subsets if the step is read."""
+        if updates.due(step):
+            self._updates.before_step()
+
+    def after_update(self) -> None:
+        """After the update: this step's ratios, if read before it (sent with the step's signals)."""
+        self._ratios = self._updates.after_step()
+        if self._ratios is not None:
+            self._device = self._device or self._ratios.device
+
     def grad_norms(self, count: int) -> list[torch.Tensor] | None:
         """This step's gradient norms (0-d tensors, model order, gradients present and dense), if `count` of
         them were read: the collector reuses them as the exact norms of a sample's gradient rows."""
@@ -447,6 +467,8 @@ class StepSignals:
         if self._stale is not None:
             fields["grads_stale"] = None
             values.append(self._stale)
+        if self._ratios is not None:
+            values.append(self._ratios)
         if self._norms is not None:
             values += self._norms
         item = SignalsItem(
@@ -458,6 +480,7 @@ class StepSignals:
             packed=self._packs() and any(isinstance(v, torch.Tensor) for v in values),  # floats are on the host
             tokens=self._input_tokens,
             present=self._present if self._norms is not None else None,
+            ratios=(self._updates, len(self._ratios)) if self._ratios is not None else None,
         )
         self._watch(self._probe_candidate())
         self._check_stale = True

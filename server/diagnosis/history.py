@@ -107,9 +107,10 @@ class StepRecord:
 def _kept_signals(signals: dict[str, Any]) -> dict[str, Any]:
     """The SIGNAL_FIELDS of a frame or a stored row; a stored non-finite norm ("NaN", "Infinity") as a float."""
     kept = {k: v for k, v in signals.items() if k in wire.SIGNAL_FIELDS}
-    norms = kept.get("grad_norms")
-    if norms is not None and any(isinstance(n, str) for n in norms):
-        kept["grad_norms"] = [float(n) if isinstance(n, str) else n for n in norms]
+    for key in ("grad_norms", "update_ratios"):
+        norms = kept.get(key)
+        if norms is not None and any(isinstance(n, str) for n in norms):
+            kept[key] = [float(n) if isinstance(n, str) else n for n in norms]
     return kept
 
 
@@ -135,6 +136,7 @@ class RunHistory:
         self.wait_for_ranks = True  # live; a replay has every rank's rows of a step at once
         self.first_loss: tuple[int, float] | None = None  # (step, value) of the first `loss` logged
         self.references: dict[str, Any] = {}  # what diagnosis.references worked out once for the run
+        self.per_step_updates = False  # the client sends `update_ratios` (on its fixed steps)
 
     def describe(
         self, model: dict[str, Any] | None, optimizer: dict[str, Any] | None, config: dict[str, Any] | None
@@ -188,7 +190,9 @@ class RunHistory:
             self.first_loss = (step, _number(values["loss"]))
 
     def add_signals(self, step: int, signals: dict[str, Any]) -> None:
-        self.record(step).signals.update(_kept_signals(signals))
+        kept = _kept_signals(signals)
+        self.per_step_updates = self.per_step_updates or kept.get("update_ratios") is not None
+        self.record(step).signals.update(kept)
 
     def add_rank_signals(self, step: int, rank: int, signals: dict[str, Any]) -> None:
         """The signals of a rank r > 0 of a distributed run."""

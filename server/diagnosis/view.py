@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from client_hook.catalog import RULES
@@ -90,6 +91,41 @@ class RunView:
             return math.nan
         stats = (samples[0] if first else samples[-1]).stats or {}
         return median([row.get("update_ratio", math.nan) for (_, _, kind), row in stats.items() if kind == "weight"])
+
+    def update_readings(self) -> list[UpdateReading] | None:
+        """This step's update ratio of every parameter that has one, or None if the step has no reading.
+
+        From the per-step `update_ratios` (a fixed schedule of steps: the same on every machine), with
+        the step's per-tensor gradient RMS and each weight's RMS at attach; for a client that sends no
+        per-step ratios, from the sampled statistics (ratio, gradient and weight RMS of the sample)."""
+        signals = self.record.signals
+        ratios, tensors = signals.get("update_ratios"), self.history.tensor_info()
+        if ratios and len(ratios) == len(tensors):
+            norms = signals.get("grad_norms")
+            norms = norms if norms and len(norms) == len(tensors) else [None] * len(tensors)
+            out = []
+            for tensor, ratio, norm in zip(tensors, ratios, norms):
+                if ratio is None or math.isnan(ratio):
+                    continue
+                numel = tensor.description.get("numel")
+                grad = norm / math.sqrt(numel) if norm is not None and numel else None
+                weight = tensor.description.get("rms")
+                out.append(UpdateReading(tensor.layer, tensor.param, ratio, grad, weight, tensor.description))
+            return out
+        sample = self.sample
+        if self.history.per_step_updates or sample is None or not sample.stats:
+            return None
+        described = {(layer, name): p for layer, name, p in self.params()}
+        out = []
+        for (layer, name, kind), row in sample.stats.items():
+            ratio = row.get("update_ratio")
+            if kind != "weight" or ratio is None or math.isnan(ratio):
+                continue
+            grad = sample.stats.get((layer, name, "grad"))
+            grad_rms = grad.get("rms") if grad is not None else None
+            reading = UpdateReading(layer, name, ratio, grad_rms, row.get("rms"), described.get((layer, name), {}))
+            out.append(reading)
+        return out
 
     # ------------------------------------------------------------ the model
 
@@ -178,6 +214,31 @@ def sustained(count: int, since: int, step: int, *, samples: int = 2, span_steps
     60 apart never see. Judged over the same span of steps, both agree.
     """
     return count >= samples and step - since >= span_steps
+
+
+@dataclass(frozen=True)
+class UpdateReading:
+    """One parameter's update across one optimizer step, as `RunView.update_readings` gives it."""
+
+    layer: str
+    param: str
+    ratio: float  # ||w_after - w_before|| / ||w_before||: 0 when the step left it unchanged
+    grad_rms: float | None  # of its gradient at this step; None: it had none
+    weight_rms: float | None  # of the weight (at attach, or at the sample)
+    description: dict[str, Any]  # run_start's: shape, numel, requires_grad, in_optimizer
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.layer, self.param
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer}.{self.param}" if self.layer else self.param
+
+    @property
+    def is_matrix(self) -> bool:
+        """A weight of two or more dimensions: not a bias, not a normalisation scale."""
+        return len(self.description.get("shape") or []) >= 2
 
 
 def fmt(value: float | None) -> str:

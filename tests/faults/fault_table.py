@@ -103,6 +103,12 @@ CASES: list[tuple[str, str, str, Callable[[], tuple[nn.Module, Any, Callable[[An
     ),
     ("LSTM LM at SGD lr 50", "char-rnn#169", "0", _with(lambda: ref.lstm("sgd", 50.0), ref.lm_loop, 100)),
     (
+        "AdamW at 100x its LR (causal transformer LM)",
+        "ml-engineering#32",
+        "0",
+        _with(lambda: ref.causal_lm_adamw(0.3), ref.lm_loop, 150),
+    ),
+    (
         "LR x100 mid-run (Adam LSTM LM)",
         "fastai#1736, keras#3321",
         "150",

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tests.faults.conftest import alarms, by_rule, describe
+from tests.faults.healthy_models import CausalLM
 
 _X, _Y = load_digits(return_X_y=True)
 DIGITS = torch.tensor(_X / 16.0, dtype=torch.float32)
@@ -231,6 +232,39 @@ def test_an_lr_raised_100x_mid_run_is_a_jump_of_the_loss(train_and_diagnose) -> 
     assert found and 150 < found[0]["step"] <= 200, describe(alerts)
     assert "jumped" in found[0]["message"] and "lr went from 0.003 to 0.3" in found[0]["message"], describe(found)
     assert found[0]["remedy"].startswith("Lower the learning rate back towards 0.003"), found[0]["remedy"]
+
+
+def causal_lm_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The healthy suite's causal transformer LM (tied head, 0.02-std embeddings), AdamW without warm-up."""
+    torch.manual_seed(0)
+    model = CausalLM(VOCAB, context=32)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def test_adamw_at_100x_its_lr_spikes_and_never_recovers_in_plain_torch() -> None:
+    bad = lm_loop(*causal_lm_adamw(0.3), 150)(None)
+    good = lm_loop(*causal_lm_adamw(3e-3), 150)(None)
+    assert max(bad[:10]) > 2 * math.log(VOCAB)  # the spike
+    assert sum(bad[-30:]) / 30 > 0.9 * math.log(VOCAB) > 2 * sum(good[-30:]) / 30  # stuck near chance; fixed: far below
+
+
+def test_adamw_at_100x_its_lr_is_told_to_lower_it(train_and_diagnose) -> None:
+    """AdamW at 0.3 (100x a transformer's usual 3e-3) from the first step: the loss shoots from chance (3.47) to
+    12.8 by step 2, comes back to ~3.3 and stays just under chance. Nothing pointed at the LR before (the issue's
+    "AdamW at 100x its learning rate from the start"); the pattern is the "not fully recovering spike" of
+    https://github.com/stas00/ml-engineering/issues/32 (roll back and lower the LR)."""
+    model, opt = causal_lm_adamw(0.3)
+    alerts = train_and_diagnose(lm_loop(model, opt, 150), model, opt, every=None)
+    found = by_rule(alerts, "loss_diverging")
+    assert found and found[0]["step"] <= 50 and found[0]["severity"] == "warning", describe(alerts)
+    assert "shot up" in found[0]["message"] and "Lower the learning rate" in found[0]["remedy"], describe(found)
+    assert not by_rule(alerts, "loss_plateau"), describe(alerts)  # never "raise the LR"
+
+
+def test_adamw_at_its_usual_lr_is_quiet(train_and_diagnose) -> None:
+    model, opt = causal_lm_adamw(3e-3)
+    alerts = train_and_diagnose(lm_loop(model, opt, 150), model, opt, every=None)
+    assert not alarms(alerts), describe(alerts)
 
 
 def test_warm_restarts_of_the_lr_are_not_a_jump(train_and_diagnose) -> None:

@@ -26,6 +26,12 @@ Three ways to fire:
   steps (an LR raised 100x mid-run: +47%, for good) - a warning. (A loss near
   0 doubles from 0.009 to 0.018 in healthy noise: 1% of its gain, no jump.) Not when the LR was raised to
   at most its earlier peak (a warm restart, SGDR: the loss rises on purpose).
+- a spike that was never recovered from: the smoothed loss went SPIKE_FACTOR
+  above the reference, came back, and for SETTLE_STEPS steps after its peak
+  has not got RECOVER below the reference (AdamW at 100x its LR on a small
+  causal LM: 3.5 -> 14.5 at step 3, then ~3.3, just under chance, for good) - a
+  warning, with "lower the LR" as the remedy (loss_at_chance then defers: the
+  loss is at chance because of the LR, not the data).
 A healthy run with warm-up or noisy SGD dips below its start and stays there.
 """
 
@@ -48,6 +54,9 @@ JUMP_FACTOR = 1.3  # a level 30% above the run's best, held: the issue's case ro
 JUMP_OF_GAIN = 0.2  # ... and back up by 20% of the gain from the first loss to the best level
 JUMP_STEPS = 20  # steps the raised level must hold (with LEVEL's lag: ~35 steps after the jump)
 RESTART = 1.01  # an lr back at <= 1.01x its earlier peak is a restart of the schedule, not a fault
+SPIKE_FACTOR = 1.5  # a smoothed loss 50% above the start is a spike (a median of 10: not one bad batch) ...
+RECOVER = 0.1  # ... after which a loss 10% below the start has recovered (it learns) ...
+SETTLE_STEPS = 40  # ... and one that has not within this many steps of the peak has not
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
@@ -70,15 +79,22 @@ def check(view: RunView, state: dict) -> list[Finding]:
     if count == EARLY:
         state["early"], state["early_step"] = _reference(view, smoothed)
     early = state.get("early")
+    peak = state.get("peak")
+    if peak is None or smoothed > peak[0]:
+        state["peak"] = (smoothed, view.step)
     findings = _jump(view, state, loss, lr)
-    if early is None or len(history) <= WINDOW:
+    if early is None:
         return findings
     limit = early + (DIVERGE_FACTOR - 1) * abs(early)
+    findings += _spiked(view, state, smoothed, early)
+    if len(history) <= WINDOW:
+        return findings
     before = history[0]
     state["held"] = held = state.get("held", 0) + 1 if smoothed > limit else 0
     rising = smoothed > limit and smoothed > before
     if not (rising or held >= WINDOW):
         return findings
+    state["spike_told"] = True  # this finding says it already
     how = f"and still rising: {fmt(before)} {WINDOW} losses ago" if rising else f"for the last {held} losses"
     message = (
         f"the loss (median of the last {SMOOTH}) is {fmt(smoothed)}, {fmt(_times(smoothed, early))}x "
@@ -86,6 +102,32 @@ def check(view: RunView, state: dict) -> list[Finding]:
     )
     evidence = {"smoothed": smoothed, "early": early, "early_from": state["early_step"], "before": before}
     return findings + [view.finding(RULE_ID, message, evidence=evidence)]
+
+
+def _spiked(view: RunView, state: dict, smoothed: float, early: float) -> list[Finding]:
+    """The loss shot SPIKE_FACTOR above the start, came back, and has not got below where it started since."""
+    peak, peak_step = state["peak"]
+    if state.get("spike_told") or peak <= early + (SPIKE_FACTOR - 1) * abs(early):
+        return []
+    floor = early - RECOVER * abs(early)
+    if smoothed < floor:
+        state["spike_told"] = True  # it recovered and learns: a transient, not this finding
+        return []
+    if view.step - peak_step < SETTLE_STEPS:
+        return []
+    state["spike_told"] = True
+    view.history.references["loss_spike"] = {"peak": peak, "step": peak_step}  # loss_at_chance defers to it
+    message = (
+        f"the loss (median of the last {SMOOTH}) shot up to {fmt(peak)} at step {peak_step}, "
+        f"{fmt(_times(peak, early))}x the start, its early value {fmt(early)} ({state['early_step']}); in the "
+        f"{view.step - peak_step} steps since, it came back down but never below {fmt(floor)}: it is {fmt(smoothed)}"
+    )
+    remedy = (
+        "Lower the learning rate (or add a warm-up): the first updates threw the weights to where the loss "
+        "exploded, and training has not recovered the ground it lost."
+    )
+    evidence = {"peak": peak, "peak_step": peak_step, "early": early, "smoothed": smoothed}
+    return [view.finding(RULE_ID, message, evidence=evidence, severity="warning", remedy=remedy)]
 
 
 def _reference(view: RunView, early_median: float) -> tuple[float, str]:

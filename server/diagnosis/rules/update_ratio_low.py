@@ -1,8 +1,9 @@
-"""update_ratio_low: the whole model barely moves: its median update ratio is tiny, sample after sample.
+"""update_ratio_low: the whole model barely moves: its median update ratio is tiny, reading after reading.
 
 Sources: CS231n ("ratio of updates to weights about 1e-3"); DL4J; DeepDiagnosis
-(ICSE'22: outside [1e-5, 1e-1]). Signal: the `update_ratio` of each weight row
-on sampled steps, and the `lr` scalars (one per param group).
+(ICSE'22: outside [1e-5, 1e-1]). Signal: each weight's update ratio
+(`view.update_readings`: the per-step readings, the same steps on every
+machine, or an older client's samples), and the `lr` scalars (one per group).
 
 Counted: parameters the optimizer holds (`in_optimizer`) that received a
 gradient; a parameter outside every group is weights_not_updating's. Not
@@ -21,7 +22,7 @@ from layerwatch.server.records import Finding
 RULE_ID = "update_ratio_low"
 
 RATIO_LOW = 1e-7  # DIAGNOSTICS.md; DeepDiagnosis' lower bound is 1e-5, kept lower to stay quiet
-SUSTAIN = 3  # consecutive samples below RATIO_LOW
+SUSTAIN = 3  # consecutive readings below RATIO_LOW
 LR_DECAYED = 0.01  # the LR below 1% of its peak: the end of a decay schedule
 
 
@@ -29,22 +30,16 @@ def check(view: RunView, state: dict) -> list[Finding]:
     lr = _lr(view)
     if lr is not None:
         state["peak_lr"] = max(state.get("peak_lr", 0.0), lr)
-    sample = view.sample
-    if sample is None or not sample.stats:
+    readings = view.update_readings()
+    if not readings:
         return []
-    in_optimizer = {(layer, name): p.get("in_optimizer", True) for layer, name, p in view.params()}
     has_optimizer = view.optimizer is not None
-    ratios = []
-    for (layer, name, kind), row in sample.stats.items():
-        ratio = row.get("update_ratio")
-        if kind != "weight" or ratio is None or math.isnan(ratio):
-            continue
-        if has_optimizer and not in_optimizer.get((layer, name), True):
-            continue
-        grad = sample.stats.get((layer, name, "grad"))
-        if grad is None or not grad.get("rms"):
-            continue  # no gradient reached it this step: nothing to update with
-        ratios.append(ratio)
+    ratios = [
+        r.ratio
+        for r in readings
+        if not (has_optimizer and r.description.get("in_optimizer") is False)
+        and r.grad_rms  # no gradient reached it this step: nothing to update with
+    ]
     history: list = state.setdefault("history", [])
     typical = median(ratios) if ratios else math.nan
     if not ratios or not typical < RATIO_LOW:
@@ -62,7 +57,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         if first_lr is not None and lr > first_lr:
             return []  # the LR is still rising (warm-up): wait until it stops
     message = (
-        f"the model's median update ratio ||dw||/||w|| is {fmt(typical)} over the last {len(recent)} samples "
+        f"the model's median update ratio ||dw||/||w|| is {fmt(typical)} over the last {len(recent)} readings "
         f"(steps {recent[0][0]}..{recent[-1][0]}, below {RATIO_LOW}; about 1e-3 is healthy)"
         + (f" with lr = {fmt(lr)}" if lr is not None else "")
     )

@@ -2,9 +2,10 @@
 
 Sources: the "unit test that your weights update" of the training-debugging
 guides; "37 reasons why your neural network is not working" (frozen layers).
-Signals on sampled steps: each weight row's `update_ratio` (exactly 0 when the
-step did not change a single element) and the gradient row of the same
-parameter; from run_start, each parameter's `requires_grad` and `in_optimizer`.
+Signals (`view.update_readings`: the per-step readings, or an older client's
+samples): each weight's update ratio (exactly 0 when the step changed none of
+the elements read), its gradient's RMS at the step and its weight RMS; from
+run_start, each parameter's `requires_grad` and `in_optimizer`.
 
 Typical causes: the optimizer was built before a layer was added (or from
 part of the model), or a param group has lr=0. Not flagged:
@@ -24,7 +25,7 @@ from layerwatch.server.records import Finding
 
 RULE_ID = "weights_not_updating"
 
-SUSTAIN = 3  # consecutive samples with a gradient and no change
+SUSTAIN = 3  # consecutive readings with a gradient and no change
 # A gradient below this fraction of the parameter's own RMS is too small to move it in float32
 # (SGD at lr <= 1e-3 moves it by < 1e-7 of its value, under half an ulp), so a zero update is
 # rounding, not a missing optimizer: e.g. a conv bias before BatchNorm (gradient ~1e-9 by
@@ -36,36 +37,32 @@ MODEL_GRAD_FLOOR = 1e-6
 # Below this median ratio the moving parameters themselves barely move: exact zeros elsewhere
 # are rounding of tiny updates (update_ratio_low), not a missing parameter. Its RATIO_LOW.
 MOVING_FLOOR = 1e-7
+SPARSE_GRADS = ("Embedding", "EmbeddingBag")  # gradients on the batch's rows only
 
 
 def check(view: RunView, state: dict) -> list[Finding]:
-    sample = view.sample
-    if sample is None or not sample.stats:
+    readings = view.update_readings()
+    if not readings:
         return []
-    described = {(layer, name): p for layer, name, p in view.params()}
     has_optimizer = view.optimizer is not None
-    rows = sample.stats
-    grad_rms = {(layer, name): r.get("rms") for (layer, name, kind), r in rows.items() if kind == "grad"}
-    live = [v for v in grad_rms.values() if v is not None and math.isfinite(v)]
+    live = [r.grad_rms for r in readings if r.grad_rms is not None and math.isfinite(r.grad_rms)]
     largest_grad = max(live) if live else math.nan
     moving, stalled = [], []
-    for (layer, name, kind), row in rows.items():
-        ratio = row.get("update_ratio")
-        if kind != "weight" or ratio is None or math.isnan(ratio):
-            continue  # no ratio: frozen (requires_grad=False) or no optimizer step
-        desc = described.get((layer, name), {})
-        if desc.get("requires_grad") is False:
+    for r in readings:
+        if r.description.get("requires_grad") is False:
             continue
-        if ratio > 0:
-            moving.append(ratio)
+        if r.ratio > 0:
+            moving.append(r.ratio)
             continue
-        rms = grad_rms.get((layer, name))
-        weight_rms = row.get("rms")
+        outside = has_optimizer and r.description.get("in_optimizer") is False
+        rms, weight_rms = r.grad_rms, r.weight_rms
         if rms is None or not math.isfinite(rms) or not rms > 0 or weight_rms is None:
             continue  # no gradient (unused this step): no update is right
         if not (rms > GRAD_FLOOR * weight_rms and rms > MODEL_GRAD_FLOOR * largest_grad):
             continue  # a gradient too small to change it in float32: rounding, not a fault
-        stalled.append((layer, name, rms, has_optimizer and desc.get("in_optimizer") is False))
+        if not outside and view.module_type(r.layer) in SPARSE_GRADS:
+            continue  # the rows the batch did not use get no update from SGD: the subset read may hold only those
+        stalled.append((r.layer, r.param, rms, outside))
     runs: dict = state.setdefault("runs", {})
     rest_moves = bool(moving) and median(moving) >= MOVING_FLOOR
     now = {(layer, name) for layer, name, _, outside in stalled if outside or rest_moves}
@@ -91,9 +88,9 @@ def check(view: RunView, state: dict) -> list[Finding]:
             why = f"it is in the optimizer, and param group {groups} has lr=0 (its group?)"
         else:
             why = "it is in the optimizer, but the step leaves it unchanged (a param group with lr=0?)"
-        samples = min(count for _, _, _, count in params)
+        readings = min(count for _, _, _, count in params)
         message = (
-            f"{names} did not change in {samples} sampled optimizer steps in a row although "
+            f"{names} did not change in {readings} read optimizer steps in a row although "
             f"{'it has' if len(params) == 1 else 'they have'} a gradient (RMS {fmt(params[0][1])}): {why}"
         )
         if moving:
