@@ -11,7 +11,8 @@ nobody answers (no server needed, e.g. on a GPU machine without the server
 extras): frames then wait in the client's bounded buffer. `--compile BACKEND` runs
 every variant on `torch.compile(model, backend=BACKEND)` (e.g. inductor), the monitor
 attached to the compiled module (no activation statistics then: see README). Whatever
-`monitor.attach` does is measured, per-step signals included. Ratios are
+`monitor.attach` does is measured, per-step signals included; the "signals"
+variant (sampling only step 0) measures those signals alone. Ratios are
 medians of alternated blocks.
 """
 
@@ -28,6 +29,9 @@ from bench._common import MODELS, Trainer, alternate, figure, machine, parser, s
 from client_hook import monitor
 
 NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing answers
+# A sampling interval no run reaches: only step 0 is sampled, so the variant costs what the always-on
+# per-step signals cost (input/output probes, gradient norms, update ratios on their fixed steps).
+SIGNALS_ONLY = 10**9
 
 
 def main() -> None:
@@ -46,22 +50,24 @@ def main() -> None:
     print(f"machine: {machine()}" + (f", {torch.cuda.get_device_name()}" if args.device != "cpu" else ""))
     with _server(args.server) as url:
         for name in args.model or ["cnn", "mlp"]:
-            plain, default, every1 = (Trainer(name, device=args.device) for _ in range(3))
+            plain, signals, default, every1 = (Trainer(name, device=args.device) for _ in range(4))
             if args.compile:
-                for trainer in (plain, default, every1):
+                for trainer in (plain, signals, default, every1):
                     trainer.model = torch.compile(trainer.model, backend=args.compile)
                 name = f"{name} compiled ({args.compile})"
             mons = []
-            for trainer, every in ((default, None), (every1, 1)):
+            for trainer, every in ((default, None), (every1, 1), (signals, SIGNALS_ONLY)):
                 mon = monitor.attach(
                     trainer.model, trainer.opt, server=url, run=f"bench-{name}-{every}", every=every, close_timeout=1
                 )
                 trainer.after_step = lambda loss, mon=mon: mon.log(loss=loss)
                 mons.append(mon)
-            for trainer in (plain, default, every1):
+            for trainer in (plain, signals, default, every1):
                 trainer.steps(warm)  # warm-up; lets the adaptive interval settle
-            t = alternate({"plain": plain, "default": default, "every1": every1}, rounds=rounds, block=block)
+            variants = {"plain": plain, "signals": signals, "default": default, "every1": every1}
+            t = alternate(variants, rounds=rounds, block=block)
             figure(f"{name} plain step", f"{t['plain'] * 1e3:.2f} ms")
+            figure(f"{name} always-on per-step signals alone (no sample)", f"{t['signals'] / t['plain']:.3f}x")
             figure(f"{name} default (every=None) overhead", f"{t['default'] / t['plain']:.3f}x", "<= 1.02x")
             figure(f"{name} adaptive interval chosen", f"every={mons[0].every}")
             figure(f"{name} every=1 overhead", f"{t['every1'] / t['plain']:.3f}x", "<= 1.3x")

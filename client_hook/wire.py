@@ -116,7 +116,7 @@ FINDING_FIELDS: tuple[str, ...] = ("rule", "severity", "layer", "message", "reme
 #                    (None, or sparse) at this step; NaN/Infinity where it held non-finite values
 #   update_ratios    every parameter's ||w_after - w_before|| / ||w_before|| across this optimizer step, from a
 #                    fixed subset of its elements, aligned like grad_norms; null where frozen. On a fixed schedule
-#                    of steps (every step of the first 50, then every 5th), so the same steps on every machine
+#                    of steps (every step of the first 50, then every 10th), so the same steps on every machine
 #   output_info      the model's output at this step (the first steps, then now and then): {"shape": [...]}, and
 #                    for an output with a class (last) dimension "min", "max", "row_sum_error" (max |row sum - 1|),
 #                    "logsumexp", "p_max", "p_min" (row means) over its first rows; once the backward reached it,

@@ -59,7 +59,10 @@ class RunDiagnosis:
                 if rule.RULE_ID in self._broken:
                     continue
                 try:
-                    findings.extend(rule.check(view, self.states[rule.RULE_ID]) or [])
+                    found = rule.check(view, self.states[rule.RULE_ID]) or []
+                    if found:
+                        self.history.told.setdefault(rule.RULE_ID, step)
+                    findings.extend(found)
                 except Exception:  # a rule bug must not stop the others or ingest
                     self._broken.add(rule.RULE_ID)
                     log.exception(

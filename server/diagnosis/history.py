@@ -137,6 +137,7 @@ class RunHistory:
         self.first_loss: tuple[int, float] | None = None  # (step, value) of the first `loss` logged
         self.references: dict[str, Any] = {}  # what diagnosis.references worked out once for the run
         self.per_step_updates = False  # the client sends `update_ratios` (on its fixed steps)
+        self.told: dict[str, int] = {}  # rule id -> the first step it found something at (the engine's)
 
     def describe(
         self, model: dict[str, Any] | None, optimizer: dict[str, Any] | None, config: dict[str, Any] | None

@@ -15,10 +15,6 @@ run and kept on its history (`RunHistory.references`):
 - `initial_loss`: the first logged loss (`first_loss` of the view), before any
   update moved the model: the baseline divergence is judged from, since a
   window of early losses may already hold an explosion.
-
-One more entry is a finding's, not worked out here: `loss_spike` (peak, step),
-set by loss_diverging when the loss spiked in its first steps and never
-recovered; loss_at_chance then leaves the loss at chance to that finding.
 """
 
 from __future__ import annotations

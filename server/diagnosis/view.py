@@ -82,10 +82,20 @@ class RunView:
         return out[-last:] if last else out
 
     def median_update_ratio(self, *, first: bool = False) -> float:
-        """The latest sample's median update-to-weight ratio over its weight rows (NaN without one).
+        """The latest median update-to-weight ratio over the model's weights (NaN without one): of the
+        per-step readings (`update_ratios`), or for an older client of the latest sample.
 
-        `first`: the run's first sample's instead (step 0, sampled at any interval: a verdict
-        that reads it is the same whatever the sampling)."""
+        `first`: the run's first reading (or sample: step 0, sampled at any interval) instead; a
+        verdict that reads it is the same whatever the sampling."""
+        if self.history.per_step_updates:
+            records = self.history.records.values()
+            with_ratios = (r for r in (records if first else reversed(records)) if r.signals.get("update_ratios"))
+            for rec in with_ratios:
+                if rec.step <= self.step:
+                    return median([x for x in rec.signals["update_ratios"] if x is not None and not math.isnan(x)])
+                if first:
+                    break
+            return math.nan
         samples = self.samples()
         if not samples or not samples[-1].stats:
             return math.nan
@@ -126,6 +136,12 @@ class RunView:
             reading = UpdateReading(layer, name, ratio, grad_rms, row.get("rms"), described.get((layer, name), {}))
             out.append(reading)
         return out
+
+    def told(self, rule_id: str) -> bool:
+        """Whether rule `rule_id` has found something in this run by this step: a rule whose remedy
+        would contradict that finding's defers to it."""
+        step = self.history.told.get(rule_id)
+        return step is not None and step <= self.step
 
     # ------------------------------------------------------------ the model
 

@@ -7,6 +7,8 @@ raises alerts; a test reads them back over REST exactly as the dashboard does.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,13 @@ def diag_server(diag_db: Path) -> Iterator[str]:
 
 
 Alerts = list[dict[str, Any]]
+
+
+def diagnose_stored(run_id: str, db: Path) -> str:
+    """What `layerwatch diagnose RUN --db` prints for a run of the session's database: the rules replayed
+    over the stored rows alone."""
+    command = [sys.executable, "-m", "layerwatch", "diagnose", run_id, "--db", f"sqlite:///{db}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from layerwatch.server.diagnosis.rules import vanishing_gradients
-from tests.faults.conftest import alarms, by_rule, describe
+from tests.faults.conftest import alarms, by_rule, describe, diagnose_stored
 
 _X, _Y = load_digits(return_X_y=True)
 DIGITS_X = torch.tensor(_X / 16.0, dtype=torch.float32)
@@ -171,6 +171,17 @@ def test_a_layer_left_out_of_the_optimizer_is_named(train_and_diagnose, every) -
     assert found["layer"] == "4" and found["step"] <= 2 * every, describe(found)
     assert "not in any optimizer param group" in found["message"]
     assert not by_rule(alerts, "gradients_not_zeroed"), describe(alerts)  # its grads pile up, the loop is fine
+
+
+def test_diagnose_finds_the_left_out_head_again_from_the_stored_run(train_and_diagnose, diag_db) -> None:
+    """The per-step update ratios go through the store: a replay of the stored run (`layerwatch diagnose`)
+    finds what the live diagnosis found, at the same step."""
+    model = mlp()
+    opt = torch.optim.Adam([*model[0].parameters(), *model[2].parameters()], lr=1e-3)
+    alerts = train_and_diagnose(loop(model, opt, 40), model, opt, every=1000, run="head-left-out-replay")
+    live = only(alerts, "weights_not_updating")
+    out = diagnose_stored(train_and_diagnose.last_run_id, diag_db)
+    assert f"weights_not_updating [4]  steps {live['step']}.." in out, out
 
 
 def test_a_param_group_with_lr_0_is_named(train_and_diagnose) -> None:

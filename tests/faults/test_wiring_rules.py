@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from layerwatch.server.diagnosis.rules import dead_network, no_gradient
-from tests.faults.conftest import alarms, by_rule, describe
+from tests.faults.conftest import alarms, by_rule, describe, diagnose_stored
 
 _X, _Y = load_digits(return_X_y=True)
 IMAGES = torch.tensor(_X / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
@@ -331,42 +331,11 @@ def test_a_squeezed_regression_output_is_fine(train_and_diagnose) -> None:
 def test_a_stored_run_is_diagnosed_the_same_from_the_database(train_and_diagnose, diag_db) -> None:
     """The live checks read only what is stored (grad_norms, output_info, target_info): a replay of the
     stored rows (`layerwatch diagnose`) finds the same wiring faults."""
-    import subprocess
-    import sys
-
     model, opt, train = train_regression(False, steps=40)
     live = train_and_diagnose(train, model, opt, every=None, run="stored-shape-mismatch")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "layerwatch",
-            "diagnose",
-            train_and_diagnose.last_run_id,
-            "--db",
-            f"sqlite:///{diag_db}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = diagnose_stored(train_and_diagnose.last_run_id, diag_db)
     assert by_rule(live, "shape_mismatch") and "critical shape_mismatch [2]" in out, out
     detached_model, detached_opt = detached(True)
     train_and_diagnose(train_mlp(detached_model, detached_opt, 40), detached_model, detached_opt, run="stored-detach")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "layerwatch",
-            "diagnose",
-            train_and_diagnose.last_run_id,
-            "--db",
-            f"sqlite:///{diag_db}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = diagnose_stored(train_and_diagnose.last_run_id, diag_db)
     assert "warning  no_gradient [body.2]" in out, out

@@ -23,7 +23,7 @@ inputs":
 Not fired where another rule names the cause with the right remedy: most
 gradients exactly zero (`dead_network`), no gradient at all, gradients that
 vanished on the way to the first layer (`vanishing_gradients`), a loss that
-spiked in its first steps and never recovered (`loss_diverging`), or updates too
+diverged or spiked and never recovered (`loss_diverging`: the LR), or updates too
 slow to move the weights (the first sample's median update ratio below
 SLOW_UPDATES: an LR too low, loss_plateau's "raise the LR"; the first sample,
 at step 0 at any interval, so the verdict does not depend on the sampling).
@@ -143,6 +143,6 @@ def _explained(view: RunView) -> bool:
     """Another rule's finding, with its own remedy: a dead network, vanished gradients, slow updates."""
     if dead_network.mostly_zero(view) or vanishing_gradients.vanished(view):
         return True
-    if "loss_spike" in view.history.references:
-        return True  # loss_diverging told it: an LR spike the run never recovered from
+    if view.told("loss_diverging"):
+        return True  # the loss blew up first (an LR spike never recovered from, a jump): the LR is the cause
     return view.median_update_ratio(first=True) < SLOW_UPDATES  # False when NaN (no sample yet)

@@ -116,7 +116,6 @@ def _spiked(view: RunView, state: dict, smoothed: float, early: float) -> list[F
     if view.step - peak_step < SETTLE_STEPS:
         return []
     state["spike_told"] = True
-    view.history.references["loss_spike"] = {"peak": peak, "step": peak_step}  # loss_at_chance defers to it
     message = (
         f"the loss (median of the last {SMOOTH}) shot up to {fmt(peak)} at step {peak_step}, "
         f"{fmt(_times(peak, early))}x the start, its early value {fmt(early)} ({state['early_step']}); in the "

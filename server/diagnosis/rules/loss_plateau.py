@@ -21,7 +21,9 @@ updates are already large (the latest sample's median update-to-weight ratio abo
 DL4J's "above 1e-2 is a problem"): a loss stuck while the weights move that much is an LR too
 *high* (update_ratio_high's), and raising it would be the wrong direction. Nor at a classifier's
 chance level while the weights do move (`loss_at_chance`: the inputs or labels, not the LR),
-nor when the gradients say why (most exactly zero: `dead_network`; vanished: `vanishing_gradients`).
+nor when the gradients say why (most exactly zero: `dead_network`; vanished: `vanishing_gradients`),
+nor after a finding of CAUSES (a double softmax, a broadcast target, a body that gets no gradient, a
+loss that blew up): each names why the loss is stuck, with its own remedy.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from layerwatch.server.diagnosis.view import RunView, fmt
 from layerwatch.server.records import Finding
 
 RULE_ID = "loss_plateau"
+# Findings that explain a stuck loss, with a remedy that "raise the LR" would contradict.
+CAUSES = ("softmax_before_loss", "shape_mismatch", "no_gradient", "loss_diverging")
 
 PLATEAU_STEPS = 50  # losses without a >1% improvement (a few dozen steps: "caught early")
 MIN_IMPROVEMENT = 0.01  # DIAGNOSTICS.md: no >1% improvement of the smoothed loss
@@ -85,6 +89,8 @@ def check(view: RunView, state: dict) -> list[Finding]:
         return []  # the schedule's decay or a cut explains the flat loss: raising the lr is not the remedy
     if dead_network.mostly_zero(view) or vanishing_gradients.vanished(view):
         return []  # dead_network's or vanishing_gradients' finding, with the remedy for that cause
+    if any(view.told(rule) for rule in CAUSES):
+        return []  # a finding that names why the loss is stuck, whose remedy is not "raise the LR"
     if loss_at_chance.at_chance(view, smoothed):
         return []  # at chance with normal updates: inputs or labels, loss_at_chance's finding and remedy
     if view.median_update_ratio() > LARGE_UPDATES:

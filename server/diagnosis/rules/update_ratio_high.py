@@ -4,7 +4,7 @@ Sources: CS231n ("the ratio of updates to weights should be about 1e-3");
 DL4J's visualisation guide (log10 ratio about -3; above -2 is a problem);
 DeepDiagnosis (ICSE'22: outside [1e-5, 1e-1]). Signal: each weight's update
 ratio ||w_after - w_before|| / ||w_before|| across one optimizer step, from
-the per-step `update_ratios` (every step of the first 50, then every 5th: the
+the per-step `update_ratios` (every step of the first 50, then every 10th: the
 same readings on every machine), or the sampled statistics of an older client
 (`view.update_readings`).
 
