@@ -55,6 +55,7 @@ def describe_model(
                     "requires_grad": param.requires_grad,
                     "in_optimizer": id(param) in optimized,
                     "rms": rms.get(id(param)),
+                    "dtype": str(param.dtype).removeprefix("torch."),
                 }
             )
         described.append(

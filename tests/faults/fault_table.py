@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from client_hook import monitor
 from tests.faults import test_adversarial as gan
+from tests.faults import test_non_finite as nonfinite
 from tests.faults import test_reference_rules as ref
 from tests.faults import test_wiring_rules as wiring
 from tests.faults.test_gradient_rules import deep_sigmoid_mlp, loop, mlp
@@ -115,6 +116,12 @@ CASES: list[tuple[str, str, str, Callable[[], tuple[nn.Module, Any, Callable[[An
         _with(lambda: ref.lstm("adam", 3e-3), ref.lm_loop, 220, lr_jump=(150, 100.0)),
     ),
     ("model.eval() left on", "pytorch-fcn#57, tutorials#1602", "0", _eval_mode),
+    (
+        "float16 weights, Adam eps 1e-8",
+        "pytorch#8860, glide-finetune#5",
+        "0",
+        _with(lambda: nonfinite.half_mlp(1e-8), nonfinite.train_half, 20),
+    ),
     (
         "no optimizer.zero_grad()",
         "smartnoise-sdk#280",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from tests.faults.conftest import by_rule, describe
+from tests.faults.test_gradient_rules import DIGITS_X, DIGITS_Y
 
 
 class Exp(nn.Module):
@@ -107,3 +110,47 @@ def test_the_alert_reaches_the_training_process_and_diagnose_finds_it_again(
         timeout=120,
     )
     assert missing.returncode == 1 and "no-such-run" in missing.stderr
+
+
+def half_mlp(eps: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).half()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, eps=eps)
+
+
+def train_half(model: nn.Module, opt: torch.optim.Optimizer, steps: int):
+    def train(mon) -> list[float]:
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(DIGITS_Y), (32,), generator=g)
+            loss = F.cross_entropy(model(DIGITS_X[idx].half()).float(), DIGITS_Y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if mon is not None:
+                mon.log(loss=loss)
+        return losses
+
+    return train
+
+
+def test_float16_adam_with_eps_1e_8_goes_nan_in_plain_torch() -> None:
+    bad = train_half(*half_mlp(1e-8), 30)(None)
+    good = train_half(*half_mlp(1e-4), 30)(None)
+    assert not any(map(math.isfinite, bad[1:])) and all(map(math.isfinite, good)) and good[-1] < good[0]
+
+
+def test_float16_adam_with_eps_1e_8_is_told_to_raise_eps(train_and_diagnose) -> None:
+    """A model in float16 (`model.half()`) under Adam with its default eps 1e-8, which float16 cannot hold: the
+    first step's update divides 0 by 0 wherever a gradient is 0 and the weights go NaN
+    (https://github.com/pytorch/pytorch/issues/8860, https://github.com/afiaka87/glide-finetune/issues/5)."""
+    model, opt = half_mlp(1e-8)
+    alerts = train_and_diagnose(train_half(model, opt, 20), model, opt)
+    found = by_rule(alerts, "non_finite")
+    # Step 0 is sampled: its weights, read after the update, are already NaN.
+    assert len(found) == 1 and found[0]["step"] == 0 and found[0]["layer"] == "0", describe(alerts)
+    assert "in the weights of '0'" in found[0]["message"], describe(found)
+    assert "optimizer step of step 0 turned '0.weight'" in found[0]["message"], describe(found)
+    assert found[0]["remedy"].startswith("Raise the optimizer's eps to 1e-4"), found[0]["remedy"]

@@ -101,7 +101,16 @@ def check(view: RunView, state: dict) -> list[Finding]:
         f"the start, its early value {fmt(early)} ({state['early_step']}), {how}"
     )
     evidence = {"smoothed": smoothed, "early": early, "early_from": state["early_step"], "before": before}
-    return findings + [view.finding(RULE_ID, message, evidence=evidence)]
+    remedy = None
+    if not rising:
+        # Held high without climbing further: the weights were thrown far in a few large steps and
+        # stay there. A flipped sign (the catalogue's first suspect) climbs on and on instead.
+        remedy = (
+            f"Lower the learning rate (by 10x to start with): the loss went to {fmt(_times(smoothed, early))}x its "
+            "start and stays there without climbing further, what steps too large for the model do (a flipped "
+            "sign would make it climb on)."
+        )
+    return findings + [view.finding(RULE_ID, message, evidence=evidence, remedy=remedy)]
 
 
 def _spiked(view: RunView, state: dict, smoothed: float, early: float) -> list[Finding]:

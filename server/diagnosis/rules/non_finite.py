@@ -6,6 +6,13 @@ first layer where it appears). Signals: the per-step `output_nonfinite` and
 CPU), `input_nonfinite`, `nonfinite_grads`, the loss; and, on sampled steps,
 the per-layer non-finite counts of activations, gradients and weights.
 
+When the previous step's gradients were all finite but its update left weights
+non-finite (the per-step `update_ratios` of those tensors are NaN/Inf), the
+optimizer step itself made them: the finding says so and names the tensors,
+and with float16 parameters under an Adam-family optimizer whose eps is below
+float16's smallest number (FP16_TINY: 1e-8 rounds to 0, and an element whose
+gradient is 0 becomes 0/0) the remedy is that eps.
+
 In a distributed run every rank's signals and loss are looked at: a NaN in one
 rank's batch reaches every rank's gradients through the all-reduce, so the
 finding names the rank where it is most upstream (its input, then a module's
@@ -24,6 +31,9 @@ from layerwatch.server.records import Finding
 
 RULE_ID = "non_finite"
 
+FP16_TINY = 2.0**-24  # float16's smallest subnormal (~6e-8): a smaller eps rounds to 0
+ADAM_FAMILY = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam")
+
 
 def check(view: RunView, state: dict) -> list[Finding]:
     if state.get("fired"):
@@ -41,7 +51,8 @@ def check(view: RunView, state: dict) -> list[Finding]:
     _, rank, where, what, loss, sig = min(seen, key=lambda s: (s[0], s[1]))
     distributed = view.history.world_size > 1 or len(seen) > 1 or rank > 0
     layer = None if where in (None, "input", "") else where
-    place = "in the input batch" if where == "input" else f"in the output of {where!r}" if layer else ""
+    of = {"NaN/Inf (weight)": "weights", "NaN/Inf (grad)": "gradients"}.get(what, "output")
+    place = "in the input batch" if where == "input" else f"in the {of} of {where!r}" if layer else ""
     message = f"{what} first appeared at step {view.step}" + (f" {place}" if place else "")
     if distributed:
         message += f" on rank {rank}"
@@ -53,7 +64,50 @@ def check(view: RunView, state: dict) -> list[Finding]:
         evidence["ranks"] = sorted(s[1] for s in seen)
     if sig.get("nonfinite_grads"):
         evidence["nonfinite_grads"] = sig["nonfinite_grads"][:20]
-    return [view.finding(RULE_ID, message, layer=layer, evidence=evidence)]
+    broken, step, remedy = _broken_by_a_step(view)
+    if broken:
+        message += (
+            f"; the optimizer step of step {step} turned {', '.join(repr(b) for b in broken[:5])}"
+            f"{' and more' if len(broken) > 5 else ''} non-finite although every gradient was finite"
+        )
+        evidence["broken_by_step"] = broken[:20]
+    return [view.finding(RULE_ID, message, layer=layer, evidence=evidence, remedy=remedy)]
+
+
+def _broken_by_a_step(view: RunView) -> tuple[list[str], int, str | None]:
+    """The tensors this step's or the previous step's optimizer step made non-finite from finite
+    gradients (weights are read after the update: a sample of this step already shows them), which
+    step it was, and the remedy."""
+    tensors = view.history.tensor_info()
+    for step in (view.step, view.step - 1):
+        rec = view.history.records.get(step)
+        sig = rec.signals if rec is not None else {}
+        ratios, norms = sig.get("update_ratios"), sig.get("grad_norms")
+        if not ratios or len(ratios) != len(tensors) or sig.get("nonfinite_grads") or sig.get("skipped"):
+            continue
+        if norms and any(n is not None and not math.isfinite(n) for n in norms):
+            continue
+        broken = [t.label for t, r in zip(tensors, ratios) if r is not None and not math.isfinite(r)]
+        if broken:
+            return broken, step, _remedy(view, tensors, broken)
+    return [], -1, None
+
+
+def _remedy(view: RunView, tensors: list, broken: list[str]) -> str:
+    """What to change when the optimizer step itself broke the weights."""
+    optimizer = view.optimizer or {}
+    half = any(t.description.get("dtype") == "float16" for t in tensors if t.label in broken)
+    eps = [g.get("eps") for g in optimizer.get("param_groups") or [] if isinstance(g.get("eps"), (int, float))]
+    if half and optimizer.get("type") in ADAM_FAMILY and eps and min(eps) < FP16_TINY:
+        return (
+            f"Raise the optimizer's eps to 1e-4 (it is {min(eps):g}, below float16's smallest number, so it "
+            "rounds to 0 and an element with a zero gradient divides 0 by 0), or keep float32 weights and train "
+            "under torch.autocast with a GradScaler."
+        )
+    return (
+        "The optimizer step made the weights NaN/Inf from finite gradients: check its hyperparameters (lr, eps, "
+        "weight decay) for values the weights' dtype cannot hold, and any custom update code."
+    )
 
 
 def _ranks(rec: Any) -> list[tuple[int, dict, float | None]]:

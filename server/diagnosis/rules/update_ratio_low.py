@@ -39,6 +39,7 @@ def check(view: RunView, state: dict) -> list[Finding]:
         for r in readings
         if not (has_optimizer and r.description.get("in_optimizer") is False)
         and r.grad_rms  # no gradient reached it this step: nothing to update with
+        and math.isfinite(r.grad_rms)  # a NaN/Inf one is non_finite's
     ]
     history: list = state.setdefault("history", [])
     typical = median(ratios) if ratios else math.nan
