@@ -120,3 +120,42 @@ def test_attaching_to_the_accelerated_optimizer_the_trainer_hands_out_never_rais
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
     assert watch.monitor.optimizer is trainer.optimizer.optimizer  # the torch optimizer inside is hooked
     assert watch.monitor.status()["step"] == STEPS
+
+
+class MarkovText(torch.utils.data.Dataset):
+    """Windows of a first-order Markov token stream (learnable to ~1.2 nats from ln 32), as causal-LM examples."""
+
+    def __init__(self, n: int, seed: int, context: int = 32) -> None:
+        from tests.faults.healthy_models import _peaked_chain
+
+        self.stream, self.context, self.n = _peaked_chain(20000, 32, seed), context, n
+        self.starts = torch.randint(0, 20000 - context - 1, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.stream[self.starts[i] : self.starts[i] + self.context]
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_a_healthy_gpt2_under_the_trainer_for_300_steps_gets_no_warning(tmp_path: Path, url: str) -> None:
+    """The issue's cry-wolf case: a GPT-2 (from config) under the Trainer past ~250 steps, with its warm-up and
+    linear decay to 0, its 0.02-std init and tied head; its LM loss flattens far above 50% of its start. No
+    warning may be raised, loss_plateau's "raise the LR" at the end of the decay least of all."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=300, learning_rate=3e-3,
+        lr_scheduler_type="linear", warmup_steps=30, logging_steps=50, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0, run_name="hf-gpt2-300",
+    )  # fmt: skip
+    watch = LayerwatchCallback(server=url, close_timeout=60)
+    trainer = Trainer(model=model, args=args, train_dataset=MarkovText(4800, 0), callbacks=[watch])
+    trainer.train()
+    losses = get(url, watch.monitor.run_id, "scalars", key="loss")["values"]
+    assert sum(losses[-30:]) / 30 < 0.6 * math.log(32)  # it trains: far below chance
+    assert alarms(url, watch.monitor.run_id) == [], alarms(url, watch.monitor.run_id)
