@@ -171,6 +171,28 @@ def test_model_moved_to_double_after_attach_keeps_training(url: str, caplog: pyt
         assert weights["norm"][-1] == pytest.approx(model[0].weight.norm().item(), rel=1e-5)
 
 
+def test_subnormal_gradients_are_summarized_and_the_monitor_stays_on(url: str) -> None:
+    """`(loss * 1e-39).backward()`: gradients of ~1e-40, subnormal in float32. Their histogram's width is
+    subnormal too (bins / width overflowed to inf, an index of -2**63 switched the optimizer hook off)."""
+    model, opt = make(5)
+    mon = monitor.attach(model, opt, server=url, every=1, close_timeout=30)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x, y = batch(g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        (loss * 1e-39).backward()
+        opt.step()
+        mon.log(loss=loss)
+    mon.close()
+    grads = get(url, mon.run_id, "layer_stats", layer="0", param="weight", kind="grad")
+    assert grads["steps"] == [0, 1, 2]
+    # Their extremes are exact; their squares underflow, so norms and RMS read 0 (float32's limit, not ours).
+    extremes = [max(abs(lo), abs(hi)) for lo, hi in zip(grads["min"], grads["max"])]
+    assert all(0 < e < 1e-35 for e in extremes), grads
+    assert mon._collector._quiet == set()
+
+
 def test_bit_identical_weights_with_the_spool_in_use(tmp_path: Path) -> None:
     def run(with_monitor: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         model, opt = make(5)

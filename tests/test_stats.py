@@ -175,3 +175,54 @@ def test_subset_stride_walks_every_column() -> None:
     assert 784 % stride and 256 % stride  # no dimension is a multiple: no column repeated alone
     columns = {i % 784 for i in range(0, 256 * 784, stride)}
     assert len(columns) > 700
+
+
+# ---------------------------------------------------------------- fuzzed: never an exception, never a wrong count
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SPECIAL = [0.0, float("nan"), float("inf"), float("-inf"), 1e-45, -1e-45, 1e-39, 3e38, -3e38, 65504.0, 1e-7]
+
+
+@st.composite
+def hostile_tensors(draw) -> torch.Tensor:
+    """Tensors of any float dtype whose values span subnormal to the dtype's largest, with NaN/Inf patterns:
+    what a loss times 1e-39, an overflow, or a half-precision model puts in weights and gradients."""
+    dtype = draw(st.sampled_from(DTYPES))
+    n = draw(st.integers(1, 3000))
+    scale = draw(st.sampled_from([1e-42, 1e-39, 1e-20, 1e-3, 1.0, 1e3, 6e4, 1e20, 3e38]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    values = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    specials = draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(SPECIAL)), max_size=20))
+    for i, v in specials:
+        values[i] = v
+    if draw(st.booleans()):
+        values[:] = values[0]  # constant, possibly non-finite
+    return values.to(dtype)  # out-of-range values of a narrow dtype become inf, tiny ones 0: as in training
+
+
+def _finite_count(x: torch.Tensor) -> int:
+    return int(torch.isfinite(x).sum())
+
+
+@settings(max_examples=300, deadline=None)
+@given(hostile_tensors())
+def test_summarize_never_raises_and_counts_every_finite_element(x: torch.Tensor) -> None:
+    got, lo, hi, counts = stats.unpack_row(stats.summarize(x).tolist())
+    assert got["numel"] == x.numel() and got["nonfinite"] == x.numel() - _finite_count(x)
+    assert sum(counts) == _finite_count(x) and all(c >= 0 for c in counts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(hostile_tensors(), min_size=1, max_size=6))
+def test_batched_summaries_never_raise_and_count_every_finite_element(tensors: list[torch.Tensor]) -> None:
+    """The batched paths (summarize_many, and summarize_subsets over each tensor's subset as a sample reads it)."""
+    same = [t.float() for t in tensors]  # one matrix per call: the collector groups by device, rows in float32
+    for (got, _, _, counts), x in zip(map(stats.unpack_row, stats.summarize_many(same).tolist()), same):
+        assert got["nonfinite"] == x.numel() - _finite_count(x) and sum(counts) == _finite_count(x)
+    parts = [stats.subset(x) for x in same]
+    rows = stats.summarize_subsets(parts, [x.numel() for x in same]).tolist()
+    for (got, _, _, counts), part in zip(map(stats.unpack_row, rows), parts):
+        assert sum(counts) == _finite_count(part) and all(c >= 0 for c in counts)

@@ -83,10 +83,12 @@ def histogram_counts(
     `torch.histc` would need lo/hi as Python numbers (a host sync per tensor);
     a scatter-add into a fixed-size vector needs none.
     """
-    span = hi - lo
-    width = torch.where(span > 0, span, torch.ones_like(span))
-    low = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    index = ((clean - low) / width * bins).floor().clamp_(0, bins - 1).long()
+    # Halves: hi - lo of +-3e38 overflows float32 to inf (and inf / inf is a NaN index). Divided by the
+    # width, not multiplied by bins / width: that is inf for a subnormal width. NaN, if any is left, to bin 0.
+    half_span = hi * 0.5 - lo * 0.5
+    width = torch.where(half_span > 0, half_span, torch.ones_like(half_span))
+    low = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)) * 0.5
+    index = ((clean * 0.5 - low) / width * bins).nan_to_num_(nan=0.0).floor_().clamp_(0, bins - 1).long()
     counts = torch.zeros(bins, dtype=torch.int64, device=clean.device)
     return counts.scatter_add_(0, index, finite.long())
 
@@ -149,7 +151,7 @@ def _summarize_rows(
 ) -> torch.Tensor:
     """Summary rows of each row of `matrix` [k, L], whose row i holds numels[i] elements then NaN padding.
 
-    Every reduction is along dim 1: about twenty passes over the matrix and a
+    Every reduction is along dim 1: about twenty-five passes over the matrix and a
     bincount, whatever k is. Only float arithmetic touches the [k, L] matrix:
     on the CPU, boolean masks and `torch.where`/`isfinite` over it cost 10-50x
     a float op of the same size (measured, torch 2.13, one thread).
@@ -182,17 +184,21 @@ def _summarize_rows(
     # Histograms: bins equal bins over [lo, hi]; non-finite elements and padding go
     # to one extra bin past the end that is dropped. One bincount over row-offset
     # indices: `torch.histc` would need lo/hi on the host (a sync per tensor).
-    span = hi - lo
-    scale = bins / torch.where(span > 0, span, torch.ones_like(span))
-    low = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    index = torch.sub(filled, low[:, None], out=scratch).mul_(scale[:, None]).floor_().clamp_(0, bins - 1)  # 15-18
-    index = torch.maximum(index, bad.mul_(bins), out=scratch)  # passes 19-20: non-finite -> the dropped bin
-    index.add_(torch.arange(k, dtype=dtype, device=device)[:, None] * (bins + 1))  # pass 21: row offsets
+    # As in histogram_counts: halves (a +-3e38 range overflows), divided by the width (bins / width is
+    # inf for a subnormal one: gradients of a loss times 1e-39), and a NaN left by an overflowed row
+    # mean to bin 0 rather than to an index of -2**63.
+    half_span = hi * 0.5 - lo * 0.5
+    width_of_row = torch.where(half_span > 0, half_span, torch.ones_like(half_span))[:, None]
+    low = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))[:, None] * 0.5
+    index = torch.mul(filled, 0.5, out=scratch).sub_(low).div_(width_of_row).mul_(bins)  # passes 15-18
+    index = index.nan_to_num_(nan=0.0).floor_().clamp_(0, bins - 1)  # passes 19-21
+    index = torch.maximum(index, bad.mul_(bins), out=scratch)  # passes 22-23: non-finite -> the dropped bin
+    index.add_(torch.arange(k, dtype=dtype, device=device)[:, None] * (bins + 1))  # pass 24: row offsets
     # scatter_add_ into a fixed size, not bincount: CUDA's bincount reads the max index on the host (a sync).
-    flat_index = index.reshape(-1).long()  # pass 22
+    flat_index = index.reshape(-1).long()  # pass 25
     ones = torch.ones((), dtype=torch.int64, device=device).expand(flat_index.numel())
     counts = torch.zeros(k * (bins + 1), dtype=torch.int64, device=device).scatter_add_(0, flat_index, ones)
-    counts = counts.reshape(k, bins + 1)  # pass 23
+    counts = counts.reshape(k, bins + 1)  # pass 26
     nan = torch.full((), float("nan"), dtype=dtype, device=device)
     moments = torch.where(has_finite[:, None], torch.stack([mean, std, rms, norm, lo, hi], dim=1), nan)
     stats = torch.cat([moments, torch.stack([nonfinite, zero_frac, numel], dim=1), moments[:, 4:6]], dim=1)
