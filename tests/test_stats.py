@@ -224,5 +224,5 @@ def test_batched_summaries_never_raise_and_count_every_finite_element(tensors: l
         assert got["nonfinite"] == x.numel() - _finite_count(x) and sum(counts) == _finite_count(x)
     parts = [stats.subset(x) for x in same]
     rows = stats.summarize_subsets(parts, [x.numel() for x in same]).tolist()
-    for (got, _, _, counts), part in zip(map(stats.unpack_row, rows), parts):
+    for (_, _, _, counts), part in zip(map(stats.unpack_row, rows), parts):
         assert sum(counts) == _finite_count(part) and all(c >= 0 for c in counts)
