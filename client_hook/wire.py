@@ -36,6 +36,7 @@ names are the database columns and the REST field names.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Callable
@@ -509,6 +510,17 @@ def validate_batch(message: Any) -> list[dict[str, Any]]:
 
     The error names the frame's index and kind, so a client author can find it.
     """
+    frames, refused = split_batch(message)
+    if refused:
+        raise SchemaError(refused[0]["error"])
+    return frames
+
+
+def split_batch(message: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A client message's valid frames, and one `refused` entry per invalid frame: {"index", "error"}
+    (and its "run_id", "seq" and "rank" where those are valid). Raises SchemaError only when the message
+    itself is not a batch (not an object, another protocol, no frames): one bad frame never sinks the
+    others of its batch (a run is not lost for one bad name)."""
     if not isinstance(message, dict):
         raise SchemaError(
             f"a message must be an object {{'protocol': {PROTOCOL_VERSION}, 'frames': [...]}}, "
@@ -521,13 +533,135 @@ def validate_batch(message: Any) -> list[dict[str, Any]]:
     frames = message.get("frames")
     if not isinstance(frames, list) or not frames:
         raise SchemaError(f"'frames' must be a non-empty list, but got {_short(frames)}")
+    valid: list[tuple[int, dict[str, Any]]] = []
+    refused: list[dict[str, Any]] = []
     for i, frame in enumerate(frames):
         try:
             validate_frame(frame)
         except SchemaError as exc:
             kind = frame.get("kind") if isinstance(frame, dict) else None
-            raise SchemaError(f"frame {i}" + (f" ({kind!r})" if isinstance(kind, str) else "") + f": {exc}") from None
-    return frames
+            entry: dict[str, Any] = {
+                "index": i,
+                "error": f"frame {i}" + (f" ({kind!r})" if isinstance(kind, str) else "") + f": {exc}",
+            }
+            if isinstance(frame, dict):
+                for key, check in (("run_id", _nonempty_name), ("seq", _count), ("rank", _rank)):
+                    if key in frame and check(frame[key]) is None:
+                        entry[key] = frame[key]
+            refused.append(entry)
+        else:
+            valid.append((i, frame))
+    # A run whose run_start was refused here does not exist: its other frames of the batch go with it
+    # (a run_start of an unknown run stored later, or never, is the client's to resend).
+    lost = {(r["run_id"], r.get("rank") or 0): r["index"] for r in refused if _was_run_start(frames[r["index"]], r)}
+    if lost:
+        kept = []
+        for i, frame in valid:
+            start = lost.get((frame["run_id"], frame.get("rank") or 0))
+            if start is not None and start < i:
+                refused.append(
+                    {
+                        "index": i,
+                        "error": f"frame {i} ({frame['kind']!r}): the run_start of run {frame['run_id']!r} "
+                        f"(frame {start}) was refused",
+                        **{k: frame[k] for k in ("run_id", "seq", "rank") if k in frame},
+                    }
+                )
+            else:
+                kept.append((i, frame))
+        valid = kept
+        refused.sort(key=lambda r: r["index"])
+    return [frame for _, frame in valid], refused
+
+
+def _was_run_start(frame: Any, refusal: dict[str, Any]) -> bool:
+    return isinstance(frame, dict) and frame.get("kind") == "run_start" and "run_id" in refusal
+
+
+# ---------------------------------------------------------------- names made valid (client side)
+# A run is never lost for a name: the client fits every name it sends to the limits above
+# before the frame is numbered. Deterministic, so the same long module path is the same
+# fitted name in run_start, every row and every signal.
+
+EMPTY_NAME = "(empty)"  # what an empty name that must not be empty is sent as (a scalar key "")
+
+
+def fit_name(name: str, *, nonempty: bool = False) -> str:
+    """`name` within MAX_NAME_LEN: a longer one keeps its start and ends in "~" and 8 hex digits of
+    its SHA-1 (stable, and two long names sharing a start stay apart); an empty one where a name
+    must not be empty is EMPTY_NAME."""
+    if len(name) > MAX_NAME_LEN:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return name[: MAX_NAME_LEN - 9] + "~" + digest
+    return EMPTY_NAME if nonempty and not name else name
+
+
+def _fit(value: Any, nonempty: bool, fixed: list[tuple[str, str]]) -> Any:
+    if not isinstance(value, str) or (len(value) <= MAX_NAME_LEN and (value or not nonempty)):
+        return value
+    fitted = fit_name(value, nonempty=nonempty)
+    fixed.append((value, fitted))
+    return fitted
+
+
+def _fit_rows(rows: Any, fixed: list[tuple[str, str]]) -> Any:
+    """layer_stats / histograms rows with their layer and param names fitted (one len() pass when all fit)."""
+    if not isinstance(rows, list) or all(isinstance(r, list) and len(r) > 2 and _short_names(r[0], r[1]) for r in rows):
+        return rows
+    out = []
+    for row in rows:
+        if isinstance(row, list) and len(row) > 2:
+            row = [_fit(row[0], False, fixed), _fit(row[1], False, fixed), *row[2:]]
+        out.append(row)
+    return out
+
+
+def _short_names(*names: Any) -> bool:
+    return all(not isinstance(n, str) or len(n) <= MAX_NAME_LEN for n in names)
+
+
+def fit_names(kind: str, fields: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A frame's fields with every name the server would refuse made valid (`fit_name`), and the
+    (old, new) pairs changed. Fields are copied only where something changed."""
+    fixed: list[tuple[str, str]] = []
+    out = dict(fields)
+    if kind == "run_start":
+        for key in ("name", "project"):
+            if key in out:
+                out[key] = _fit(out[key], True, fixed)
+        model = out.get("model")
+        if isinstance(model, dict) and isinstance(model.get("modules"), list):
+            modules = []
+            for m in model["modules"]:
+                if isinstance(m, dict):
+                    m = {**m, "name": _fit(m.get("name"), False, fixed), "type": _fit(m.get("type"), False, fixed)}
+                    if isinstance(m.get("params"), list):
+                        m["params"] = [
+                            {**p, "name": _fit(p.get("name"), False, fixed)} if isinstance(p, dict) else p
+                            for p in m["params"]
+                        ]
+                modules.append(m)
+            model = {**model, "modules": modules}
+            if isinstance(model.get("tensors"), list):
+                model["tensors"] = [_fit(t, False, fixed) for t in model["tensors"]]
+            out["model"] = model
+    elif kind == "scalars" and isinstance(out.get("values"), dict):
+        out["values"] = {_fit(k, True, fixed): v for k, v in out["values"].items()}
+    elif kind in ("layer_stats", "histograms"):
+        out["rows"] = _fit_rows(out.get("rows"), fixed)
+    elif kind == "signals":
+        for key in ("first_nonfinite", "input_fingerprint"):
+            if key in out:
+                out[key] = _fit(out[key], False, fixed)
+        if isinstance(out.get("nonfinite_grads"), list):
+            out["nonfinite_grads"] = [_fit(n, False, fixed) for n in out["nonfinite_grads"]]
+        if isinstance(out.get("target_counts"), dict):
+            out["target_counts"] = {_fit(k, False, fixed): c for k, c in out["target_counts"].items()}
+    elif kind == "findings" and isinstance(out.get("findings"), list):
+        out["findings"] = [
+            {**f, "layer": _fit(f.get("layer"), False, fixed)} if isinstance(f, dict) else f for f in out["findings"]
+        ]
+    return (out, fixed) if fixed else (fields, fixed)
 
 
 # ---------------------------------------------------------------- constructors
@@ -547,10 +681,20 @@ def batch(frames: list[dict[str, Any]]) -> dict[str, Any]:
     return {"protocol": PROTOCOL_VERSION, "frames": frames}
 
 
-def ack(seqs: dict[str, list[int]], ranks: dict[str, dict[str, list[int]]] | None = None) -> dict[str, Any]:
+def ack(
+    seqs: dict[str, list[int]],
+    ranks: dict[str, dict[str, list[int]]] | None = None,
+    refused: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The server's answer once a batch is committed: rank 0's seqs (and those of frames without a
-    rank) by run, and, when the batch held any, the seqs of ranks > 0 by run and rank."""
-    return {"kind": "ack", "seqs": seqs, **({"ranks": ranks} if ranks else {})}
+    rank) by run, and, when the batch held any, the seqs of ranks > 0 by run and rank, and the frames
+    it refused (`split_batch`: by index in the batch, with the reason; never stored, never acked)."""
+    return {
+        "kind": "ack",
+        "seqs": seqs,
+        **({"ranks": ranks} if ranks else {}),
+        **({"refused": refused} if refused else {}),
+    }
 
 
 def acked_seqs(message: dict[str, Any], run_id: str, rank: int | None = None) -> list[int]:

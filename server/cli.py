@@ -167,6 +167,8 @@ def _upload(args: argparse.Namespace) -> int:
             continue
         steps = f" (steps {done.steps[0]}..{done.steps[1]})" if done.steps else ""
         skipped = f"; {done.skipped} unreadable line(s) left out" if done.skipped else ""
+        if done.refused:
+            skipped += f"; {len(done.refused)} frame(s) refused by the server (the first: {done.refused[0]})"
         print(f"run {done.run_id}: {done.frames} frame(s){steps} delivered to {args.server}{skipped}")
     return 1 if failed else 0
 

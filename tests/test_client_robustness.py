@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client_hook import monitor
+from client_hook import monitor, wire
+from client_hook.sending.sender import Frame
 from tests.serving import free_port, serve
 from tests.training import train_step
 
@@ -191,6 +192,61 @@ def test_subnormal_gradients_are_summarized_and_the_monitor_stays_on(url: str) -
     extremes = [max(abs(lo), abs(hi)) for lo, hi in zip(grads["min"], grads["max"])]
     assert all(0 < e < 1e-35 for e in extremes), grads
     assert mon._collector._quiet == set()
+
+
+def test_names_the_server_cannot_take_are_fitted_and_no_step_is_lost(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team #17 item 3: a sweep's 300-character run name, a module path over 256 characters (deeply
+    nested containers) and an empty scalar key each made the server refuse whole batches: 0 of 200 steps
+    stored. The client fits such names (a stable hash suffix; "(empty)") with one warning."""
+    torch.manual_seed(6)
+    inner = nn.Sequential()
+    inner.add_module("block_" + "x" * 120, nn.Sequential(nn.Linear(8, 16), nn.ReLU()))
+    model = nn.Sequential()
+    model.add_module("encoder_" + "y" * 120, inner)
+    model.add_module("head", nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    long_path = next(name for name, _ in model.named_modules() if len(name) > 256)
+    run = "sweep-" + "lr=0.001,wd=0.1," * 20
+    mon = monitor.attach(model, opt, server=url, run=run, every=5, close_timeout=30)
+    g = torch.Generator().manual_seed(6)
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        for _ in range(200):
+            loss = train_step(model, opt, *batch(g), mon=mon)
+            mon.log(**{"": 0.5, "ok": float(loss)})
+        mon.close()
+    assert mon.status()["dropped"] == {} and mon.status()["acked"] > 0
+    stored = get(url, mon.run_id)
+    assert stored["name"] == wire.fit_name(run) and len(stored["name"]) == wire.MAX_NAME_LEN
+    assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(200))
+    assert get(url, mon.run_id, "scalars", key=wire.EMPTY_NAME)["values"] == [0.5] * 200
+    fitted = wire.fit_name(long_path)
+    assert any(m["name"] == fitted for m in stored["model"]["modules"]), [m["name"] for m in stored["model"]["modules"]]
+    weights = get(url, mon.run_id, "layer_stats", layer=fitted, param="weight", kind="weight")
+    assert weights["steps"][:3] == [0, 5, 10]
+    assert sum("sent as a valid one" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_frame_the_server_refuses_is_dropped_alone_and_the_run_goes_on(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame the server cannot take (here an empty scalars frame, put in the sender's queue as a client
+    bug would) is refused by index in its batch's ack: the client drops it alone, counts it, says it once."""
+    model, opt = make(7)
+    mon = monitor.attach(model, opt, server=url, every=5, close_timeout=30)
+    g = torch.Generator().manual_seed(7)
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        for step in range(30):
+            train_step(model, opt, *batch(g), mon=mon)
+            if step in (10, 20):
+                mon._sender.submit(Frame("scalars", step, values={}, time=1.0))
+        mon.close()
+    assert mon.status()["dropped"] == {"refused": 2}
+    assert get(url, mon.run_id, "scalars", key="loss")["steps"] == list(range(30))
+    assert get(url, mon.run_id)["status"] == "finished"
+    refused = [r.getMessage() for r in caplog.records if "refused a frame" in r.getMessage()]
+    assert len(refused) == 1 and "field 'values' must be a non-empty object" in refused[0], refused
 
 
 def test_bit_identical_weights_with_the_spool_in_use(tmp_path: Path) -> None:

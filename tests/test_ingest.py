@@ -76,10 +76,9 @@ def test_a_replayed_batch_is_acked_again_and_stored_once(client: TestClient, run
 @pytest.mark.parametrize(
     ("message", "expected", "code"),
     [
-        (lambda f: f.pop("step"), "frame 1 ('scalars'): missing field 'step'", 1008),
-        (lambda f: f.update(kind="bogus"), "'kind' must be one of", 1008),
         ("{not json", "message is not valid JSON", 1008),
         (b"\x00binary", "binary messages are not accepted", 1008),
+        (json.dumps({"protocol": 99, "frames": []}), "unsupported protocol version 99", 1008),
     ],
 )
 def test_a_bad_message_closes_only_its_connection_and_loses_nothing(
@@ -91,16 +90,7 @@ def test_a_bad_message_closes_only_its_connection_and_loses_nothing(
         with client.websocket_connect("/ws/ingest") as ws:
             mine = run_frames(run_id="mine", steps=1, end=False)
             assert send(ws, mine)["kind"] == "ack"
-            if callable(message):
-                bad = [
-                    wire.frame(
-                        "run_start", run_id="bad", seq=0, step=0, name="b", project="p", time=1.0, model={"modules": []}
-                    ),
-                    wire.frame("scalars", run_id="bad", seq=1, step=0, values={"loss": 1.0}, time=1.0),
-                ]
-                message(bad[1])
-                ws.send_text(json.dumps(wire.batch(bad)))
-            elif isinstance(message, bytes):
+            if isinstance(message, bytes):
                 ws.send_bytes(message)
             else:
                 ws.send_text(message)
@@ -112,9 +102,41 @@ def test_a_bad_message_closes_only_its_connection_and_loses_nothing(
         assert send(other, later) == wire.ack({"stored-before": [len(stored)]})
 
     runs = {run["id"]: run for run in client.get("/api/runs").json()}
-    assert set(runs) == {"stored-before", "mine"}  # nothing of the bad batch
+    assert set(runs) == {"stored-before", "mine"}
     assert client.get("/api/runs/stored-before/scalars", params={"key": "loss"}).json()["steps"] == [0, 1, 5]
     assert client.get("/api/runs/mine/scalars", params={"key": "loss"}).json()["steps"] == [0]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (lambda f: f.pop("step"), "frame 1 ('scalars'): missing field 'step'"),
+        (lambda f: f.update(kind="bogus"), "frame 1 ('bogus'): field 'kind' must be one of"),
+        (lambda f: f.update(values={"": 1.0}), "frame 1 ('scalars'): 'scalars' frame: field 'values' must be"),
+        (lambda f: f["values"].update({"x" * 300: 1.0}), "entry 'xxxxx"),
+    ],
+)
+def test_a_bad_frame_is_refused_by_name_and_the_rest_of_its_batch_is_stored(
+    client: TestClient, run_frames: Any, spoil: Any, expected: str
+) -> None:
+    """Red team #17 item 3: one invalid frame (an old client's empty scalar key or 300-character name) made
+    the server refuse the whole batch, and its client dropped it all. It is refused alone, by index and
+    with the reason, never stored and never acked; the connection and the rest of the batch go on."""
+    start = run_frames(run_id="run-1", steps=1, end=False)
+    good = wire.frame("scalars", run_id="run-1", seq=len(start) + 1, step=1, values={"loss": 0.5}, time=2.0)
+    bad = wire.frame("scalars", run_id="run-1", seq=len(start), step=1, values={"loss": 0.7}, time=2.0)
+    spoil(bad)
+    with client.websocket_connect("/ws/ingest") as ws:
+        assert send(ws, start)["kind"] == "ack"
+        answer = send(ws, [good, bad, good | {"seq": len(start) + 2, "step": 2, "values": {"loss": 0.25}}])
+        assert answer["kind"] == "ack" and answer["seqs"] == {"run-1": [len(start) + 1, len(start) + 2]}
+        (refusal,) = answer["refused"]
+        assert refusal["index"] == 1 and expected in refusal["error"], refusal
+        # The connection goes on: the refused seq was never taken, so a valid frame may use it.
+        fixed = wire.frame("scalars", run_id="run-1", seq=len(start), step=1, values={"other": 1.0}, time=2.0)
+        assert send(ws, [fixed]) == wire.ack({"run-1": [len(start)]})
+    loss = client.get("/api/runs/run-1/scalars", params={"key": "loss"}).json()
+    assert loss["steps"] == [0, 1, 2] and loss["values"][1:] == [0.5, 0.25]
 
 
 def test_an_oversize_message_is_refused_naming_size_and_limit(make_client: Any, run_frames: Any) -> None:

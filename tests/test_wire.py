@@ -120,3 +120,35 @@ def test_acks_and_scalar_keys_per_rank() -> None:
         base, rank = wire.key_rank(key)
         assert wire.rank_key(base, rank) == key
     assert wire.key_rank("val/loss/rank12") == ("val/loss", 12) and wire.key_rank("a/rank01") == ("a/rank01", 0)
+
+
+def test_a_batch_is_split_into_its_valid_frames_and_refusals_by_index() -> None:
+    start = wire.frame("run_start", run_id="r", seq=0, step=0, name="n", project="p", time=1.0, model={"modules": []})
+    good = wire.frame("scalars", run_id="r", seq=1, step=0, values={"loss": 1.0}, time=1.0)
+    bad = wire.frame("scalars", run_id="r", seq=2, step=0, values={"": 1.0}, time=1.0)
+    frames, refused = wire.split_batch(wire.batch([start, good, bad, 7]))
+    assert frames == [start, good]
+    assert [(r["index"], r.get("seq")) for r in refused] == [(2, 2), (3, None)]
+    assert refused[0]["error"].startswith("frame 2 ('scalars'): ")
+    assert "a frame must be an object" in refused[1]["error"]
+    # A refused run_start takes the later frames of its run with it: that run does not exist.
+    broken = {**start, "name": ""}
+    frames, refused = wire.split_batch(wire.batch([broken, good]))
+    assert frames == [] and [r["index"] for r in refused] == [0, 1]
+    assert "the run_start of run 'r' (frame 0) was refused" in refused[1]["error"]
+    with pytest.raises(wire.SchemaError, match="frame 2"):
+        wire.validate_batch(wire.batch([start, good, bad]))  # the strict form still names the first
+
+
+def test_fitted_names_are_valid_stable_and_distinct() -> None:
+    long_a, long_b = "a" * 300 + "1", "a" * 300 + "2"
+    fit_a, fit_b = wire.fit_name(long_a), wire.fit_name(long_b)
+    assert len(fit_a) == wire.MAX_NAME_LEN and fit_a == wire.fit_name(long_a) and fit_a != fit_b
+    assert wire.fit_name("", nonempty=True) == wire.EMPTY_NAME and wire.fit_name("") == ""
+    fields, fixed = wire.fit_names("scalars", {"values": {"": 1.0, "ok": 2.0}, "time": 1.0})
+    assert fields["values"] == {wire.EMPTY_NAME: 1.0, "ok": 2.0} and fixed == [("", wire.EMPTY_NAME)]
+    rows = [[long_a, "weight", "weight", 1.0]]
+    fields, fixed = wire.fit_names("layer_stats", {"rows": rows})
+    assert fields["rows"][0][0] == fit_a and rows[0][0] == long_a  # the caller's rows are not changed
+    untouched = {"rows": [["fc", "weight", "grad", 1.0]]}
+    assert wire.fit_names("layer_stats", untouched) == (untouched, [])

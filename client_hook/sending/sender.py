@@ -275,6 +275,17 @@ class Sender:
 
     def _number(self, kind: str, step: int, fields: dict[str, Any]) -> None:
         """Give a frame the run's next seq, encode it once and hold it until acked."""
+        fields, fixed = wire.fit_names(kind, fields)
+        if fixed:
+            old, new = fixed[0]
+            self._warn_once(
+                "names",
+                "layerwatch: a name the server cannot take (empty, or over %d characters) is sent as a valid one: "
+                "%r as %r (the same way every time; later ones are fitted without a word)",
+                wire.MAX_NAME_LEN,
+                old if len(old) <= 80 else old[:77] + "...",
+                new if len(new) <= 80 else new[:40] + "..." + new[-20:],
+            )
         seq = next(self._seq)
         entry = encode(wire.frame(kind, run_id=self.run_id, seq=seq, step=step, rank=self.rank, **fields))
         if kind == "run_start":
@@ -344,6 +355,7 @@ class Sender:
                 on_other=lambda kind: self._warn_once(
                     f"kind:{kind}", "layerwatch: ignoring a server message of kind %r", kind
                 ),
+                on_refused=self._refused,
             )
         except transport.Rejected as exc:
             # Resending it would fail forever, so the batch is dropped and said once.
@@ -354,6 +366,12 @@ class Sender:
         settled = self.pending.settle(acked)
         with self._lock:
             self.acked += settled
+
+    def _refused(self, entry: Entry, error: str) -> None:
+        """One frame the server refused (the rest of its batch was stored): it never will be; said once."""
+        self.pending.settle([entry.seq])
+        self._count_drop("refused")
+        self._warn_once("refused", "layerwatch: the server refused a frame (%s); the rest of the run goes on", error)
 
     def _finish(self) -> None:
         """Everything was delivered: the spool directory goes, and so does the connection."""

@@ -88,8 +88,12 @@ def send_batch(
     on_alert: Callable[[dict[str, Any]], None] | None = None,
     stop: Callable[[], bool] | None = None,
     on_other: Callable[[str | None], None] | None = None,
+    on_refused: Callable[[Entry, str], None] | None = None,
 ) -> list[int]:
     """Send one batch and wait for its ack: the seqs of `run_id` (of `rank`, for a rank > 0) the server committed.
+
+    Frames the server refused (the ack's `refused`, by index in this batch) go to `on_refused`
+    with the reason: they are not stored and will never be, so the caller settles them.
 
     Raises TimeoutError (no ack within `timeout` s), Rejected (the server's
     `error`), ConnectionAbortedError (`stop()` became true while waiting) or the
@@ -110,6 +114,10 @@ def send_batch(
             continue
         kind = message.get("kind")
         if kind == "ack":
+            for refusal in message.get("refused") or []:
+                index = refusal.get("index") if isinstance(refusal, dict) else None
+                if on_refused is not None and isinstance(index, int) and 0 <= index < len(entries):
+                    on_refused(entries[index], str(refusal.get("error")))
             return wire.acked_seqs(message, run_id, rank)
         if kind == "error":
             raise Rejected(str(message.get("error")))

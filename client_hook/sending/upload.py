@@ -15,7 +15,7 @@ reader, the wire schema and the transport (the sender thread's own send-and-awai
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from client_hook.sending import transport
@@ -35,6 +35,7 @@ class Uploaded:
     frames: int  # frames sent and acknowledged (the run_start included)
     steps: tuple[int, int] | None  # the lowest and highest step among them
     skipped: int  # unreadable lines (a torn write) left out
+    refused: list[str] = field(default_factory=list)  # why the server refused frames (the rest stored)
 
 
 def run_folders(path: Path) -> list[Path]:
@@ -87,9 +88,10 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
         ws = transport.open_ingest(url, token)
     except Exception as exc:
         raise UploadError(f"cannot reach {url} ({exc}); the frames stay in {str(directory)!r}") from None
+    refused: list[str] = []
     try:
         for batch in transport.batches(entries):
-            _deliver(ws, batch, run_id, url, rank)
+            refused += _deliver(ws, batch, run_id, url, rank)
     finally:
         ws.close()
     for path in [*directory.glob(f"*{SUFFIX}"), directory / RUN_START_FILE]:
@@ -99,19 +101,29 @@ def upload_run(directory: Path, *, server: str, token: str | None = None) -> Upl
     except OSError:
         pass
     steps = [e.step for e in entries]
-    return Uploaded(run_id, directory, len(entries), (min(steps), max(steps)), skipped)
+    return Uploaded(run_id, directory, len(entries) - len(refused), (min(steps), max(steps)), skipped, refused)
 
 
-def _deliver(ws: object, batch: list[Entry], run_id: str, url: str, rank: int = 0) -> None:
-    """Send one batch; return once every frame of it is acknowledged (alerts on the way are skipped)."""
+def _deliver(ws: object, batch: list[Entry], run_id: str, url: str, rank: int = 0) -> list[str]:
+    """Send one batch; return once every frame of it is acknowledged or refused (alerts on the way are
+    skipped): the reasons of the refused ones, whose frames the server will never take."""
+    refused: dict[int, str] = {}
     try:
-        acked = transport.send_batch(ws, batch, run_id, timeout=ACK_TIMEOUT_S, rank=rank)
+        acked = transport.send_batch(
+            ws,
+            batch,
+            run_id,
+            timeout=ACK_TIMEOUT_S,
+            rank=rank,
+            on_refused=lambda entry, error: refused.__setitem__(entry.seq, error),
+        )
     except TimeoutError:
         raise UploadError(f"{url} sent no ack for run {run_id!r} within {ACK_TIMEOUT_S:g} s") from None
     except transport.Rejected as exc:
         raise UploadError(f"{url} refused run {run_id!r}: {exc}") from None
     except Exception as exc:
         raise UploadError(f"the connection to {url} failed while sending run {run_id!r} ({exc})") from None
-    missing = {e.seq for e in batch} - set(acked)
+    missing = {e.seq for e in batch} - set(acked) - set(refused)
     if missing:
         raise UploadError(f"{url} did not acknowledge {len(missing)} frame(s) of run {run_id!r}")
+    return list(refused.values())

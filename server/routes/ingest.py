@@ -1,11 +1,13 @@
 """The ingest websocket, /ws/ingest: validate, store, then acknowledge.
 
 One text message is one batch (see `client_hook.wire`). A batch is validated
-whole, stored in one transaction in a worker thread (the event loop never
-waits on the database), and only after the commit acked with its seqs; then
-the live hub hears what changed. A bad message is answered with an error that
-names the problem and closes this connection only: what was stored stays, and
-other connections go on.
+frame by frame, its valid frames stored in one transaction in a worker thread
+(the event loop never waits on the database), and only after the commit acked
+with their seqs; a frame that is not valid is named in the ack's `refused`
+(index and reason: never stored, never acked) and does not sink the rest of
+its batch. Then the live hub hears what changed. A message that is not a
+batch at all is answered with an error that names the problem and closes this
+connection only: what was stored stays, and other connections go on.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class BadMessage(Exception):
         self.code = code
 
 
-def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-    """The frames of one websocket message, or BadMessage naming what is wrong."""
+def _parse(message: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The valid frames of one websocket message and the refused ones (`wire.split_batch`), or
+    BadMessage naming what is wrong with the message as a whole."""
     text = message.get("text")
     if text is None:
         raise BadMessage("binary messages are not accepted: send each batch as a JSON text message")
@@ -62,7 +65,7 @@ def _parse(message: dict[str, Any], limit: int) -> list[dict[str, Any]]:
         except RecursionError:
             raise BadMessage("message is nested too deeply to be a batch") from None
     try:
-        return wire.validate_batch(batch)
+        return wire.split_batch(batch)
     except wire.SchemaError as exc:
         raise BadMessage(str(exc)) from None
 
@@ -88,11 +91,16 @@ def _receive(
     limit: int,
     access: auth.Access,
     allowed: set[str],
-) -> tuple[store.IngestResult, list[store.RunInfo]]:
+) -> tuple[store.IngestResult, list[store.RunInfo], list[dict[str, Any]]]:
     """Runs in a worker thread: parse and validate (a 16 MB batch takes a while to parse;
     the event loop keeps serving dashboards meanwhile), check the token may send these
-    runs, commit the batch, then read the changed runs for the live push."""
-    frames = _parse(message, limit)
+    runs, commit the batch's valid frames, then read the changed runs for the live push.
+    Also returns the refused frames."""
+    frames, refused = _parse(message, limit)
+    if refused:
+        log.warning("ingest refused %d frame(s) of a batch; the first: %s", len(refused), refused[0]["error"])
+    if not frames:
+        return store.IngestResult(), [], refused
     with WRITE_LOCK, sessions() as session:
         # Checked under the write lock, in the batch's own transaction: no other writer can
         # store one of these runs, under another project, between the check and the write.
@@ -108,7 +116,7 @@ def _receive(
             log.exception("diagnosing a batch failed; the batch itself is stored")
     with sessions() as session:
         runs = [store.get_run(session, run_id=run_id) for run_id in result.changed_runs]
-    return result, [run for run in runs if run is not None]
+    return result, [run for run in runs if run is not None], refused
 
 
 async def _reject(websocket: WebSocket, text: str, code: int) -> None:
@@ -147,7 +155,7 @@ async def ingest(websocket: WebSocket) -> None:
             log.info("ingest connection from %s closed", websocket.client)
             return
         try:
-            result, runs = await run_in_threadpool(
+            result, runs, refused = await run_in_threadpool(
                 _receive, sessions, diagnosis, message, settings.max_message_bytes, access, allowed
             )
         except BadMessage as exc:
@@ -173,7 +181,7 @@ async def ingest(websocket: WebSocket) -> None:
                         await websocket.send_json({"kind": "alert", "alert": {**public, "run_id": alert.run_id}})
             # After the alerts: the client reads up to the ack, so it sees them before it sends on
             # (and, at close, before it hangs up). Everything was committed before either.
-            await websocket.send_json(wire.ack(result.acked, result.acked_ranks))
+            await websocket.send_json(wire.ack(result.acked, result.acked_ranks, refused))
         except WebSocketDisconnect:
             # The client left, or the server is stopping (SIGTERM closes every socket with 1012 and
             # lets the commit in flight finish): no ack, so the client replays it, and is stored once.
