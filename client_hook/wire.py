@@ -717,9 +717,11 @@ def key_rank(key: str) -> tuple[str, int]:
     return key, 0
 
 
-def error(text: str) -> dict[str, Any]:
-    """The server's answer to a bad message, sent just before it closes the connection."""
-    return {"kind": "error", "error": text}
+def error(text: str, *, retry: bool = False) -> dict[str, Any]:
+    """The server's answer to a message it did not store, sent just before it closes the connection.
+    `retry`: the failure is the server's and passing (its storage full or locked, its database away):
+    the client keeps the frames and sends them again later. Without it the message itself is refused."""
+    return {"kind": "error", "error": text, **({"retry": True} if retry else {})}
 
 
 def hist_edges(lo: float, hi: float, bins: int = HIST_BINS) -> list[float]:

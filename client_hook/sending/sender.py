@@ -216,6 +216,16 @@ class Sender:
             if self._ws is not None and self._unsent():
                 try:
                     self._send_next()
+                except transport.Retryable as exc:  # the server's storage failed: kept, sent again later
+                    self._warn_once(
+                        "retry",
+                        "layerwatch: server %s could not store data for now (%s); it is kept and sent again",
+                        self.url,
+                        exc,
+                    )
+                    self._disconnect()
+                    next_try = time.monotonic() + backoff  # not at once: its storage needs time
+                    backoff = min(backoff * 2, RECONNECT_MAX_S)
                 except Exception as exc:  # connection dropped mid-batch: replay after reconnect
                     if not self._abandon.is_set():
                         self._warn_once(
@@ -358,8 +368,8 @@ class Sender:
                 on_refused=self._refused,
             )
         except transport.Rejected as exc:
-            # Resending it would fail forever, so the batch is dropped and said once.
-            self._warn_once(f"error:{exc}", "layerwatch: server rejected data: %s", exc)
+            # Resending it would fail forever, so the batch is dropped and said once (the first reason).
+            self._warn_once("rejected", "layerwatch: server rejected data: %s", exc)
             self.pending.settle([e.seq for e in entries])
             self._count_drop("rejected", len(entries))
             raise

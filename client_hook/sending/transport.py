@@ -31,6 +31,11 @@ class Rejected(ConnectionError):
     """The server refused a batch (a schema or version mismatch): resending it would fail forever."""
 
 
+class Retryable(ConnectionError):
+    """The server could not store a batch for a passing reason of its own (storage full or locked):
+    nothing of it was stored, and it is to be sent again later."""
+
+
 def ingest_url(server: str) -> str:
     """http(s)://host:port[/prefix] -> ws(s)://host:port[/prefix]/ws/ingest."""
     parts = urlsplit(server if "://" in server else f"http://{server}")
@@ -120,6 +125,8 @@ def send_batch(
                     on_refused(entries[index], str(refusal.get("error")))
             return wire.acked_seqs(message, run_id, rank)
         if kind == "error":
+            if message.get("retry"):
+                raise Retryable(str(message.get("error")))
             raise Rejected(str(message.get("error")))
         if kind == "alert":
             if on_alert is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -119,10 +120,22 @@ def _receive(
     return result, [run for run in runs if run is not None], refused
 
 
-async def _reject(websocket: WebSocket, text: str, code: int) -> None:
+def _passing(exc: Exception) -> bool:
+    """Whether a storage failure passes on its own (disk full, database locked or away): the client is
+    told to keep the batch and send it again, rather than that its data is refused."""
+    return isinstance(exc, (OperationalError, InterfaceError, OSError)) or getattr(exc, "connection_invalidated", False)
+
+
+def _first_line(exc: Exception) -> str:
+    """The database's own message without the SQL and parameters SQLAlchemy appends."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+async def _reject(websocket: WebSocket, text: str, code: int, retry: bool = False) -> None:
     log.warning("ingest from %s rejected: %s", websocket.client, text)
     try:
-        await websocket.send_json(wire.error(text))
+        await websocket.send_json(wire.error(text, retry=retry))
         # A close reason is at most 123 bytes of UTF-8 (not characters: a bad value quoted in
         # the text may be non-ASCII, or a lone surrogate, which "replace" turns into "?").
         reason = text.encode("utf-8", "replace")[:120].decode("utf-8", "ignore")
@@ -166,7 +179,11 @@ async def ingest(websocket: WebSocket) -> None:
             return
         except Exception as exc:  # a database failure: this batch is not stored, so it is not acked
             log.exception("storing a batch from %s failed", websocket.client)
-            await _reject(websocket, f"the server could not store this batch: {exc}", status.WS_1011_INTERNAL_ERROR)
+            retry = _passing(exc)
+            text = f"the server could not store this batch{' for now' if retry else ''}: {_first_line(exc)}"
+            await _reject(
+                websocket, text, status.WS_1013_TRY_AGAIN_LATER if retry else status.WS_1011_INTERNAL_ERROR, retry
+            )
             return
         # Committed: dashboards hear of it whether or not its client is still there to be acked.
         hub.publish(ingest_events(result, runs))
