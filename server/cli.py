@@ -19,6 +19,11 @@ from layerwatch.server.diagnosis import cli as diagnosis_cli
 SHUTDOWN_GRACE_S = 10
 
 
+def _env_list(name: str) -> list[str]:
+    """A comma-separated environment variable as its non-empty items."""
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -44,6 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
             webhook_rate_limit=args.webhook_rate,
             public_url=args.public_url,
             heartbeat_timeout_s=args.heartbeat_timeout,
+            allowed_hosts=[*_env_list("LAYERWATCH_ALLOWED_HOSTS"), *args.allowed_host] or None,
+            allow_origins=[*_env_list("LAYERWATCH_ALLOW_ORIGINS"), *args.allow_origin],
         )
     except ValueError as exc:
         print(f"layerwatch serve: {exc}", file=sys.stderr)
@@ -230,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--public-url",
         default=os.environ.get("LAYERWATCH_PUBLIC_URL"),
         help="the dashboard's address for links in webhooks (default: http://HOST:PORT)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name requests may name in their Host header (DNS rebinding fails otherwise); repeatable, "
+        "'*.example.com' allowed (also $LAYERWATCH_ALLOWED_HOSTS, comma-separated; default: the --host address, "
+        "localhost, 127.0.0.1, ::1 and the --public-url host; any host when --host is 0.0.0.0 or ::)",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (http://host:port) besides the dashboard's own whose pages may open the websockets; "
+        "repeatable (also $LAYERWATCH_ALLOW_ORIGINS, comma-separated)",
     )
     serve.set_defaults(func=_serve)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from layerwatch.server import __version__, auth, live
 from layerwatch.server.db import WRITE_LOCK, init_db, make_engine, make_session_factory
@@ -51,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="layerwatch", version=__version__, description="A live training monitor for PyTorch.", lifespan=lifespan
     )
     app.state.settings = settings
+    # DNS rebinding: every request, websockets included, must name a host this server is served under.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.hosts)
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.webhooks = worker

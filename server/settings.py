@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from client_hook import wire
+from layerwatch.server import origins
 
 
 def check_webhook_url(url: object) -> str:
@@ -95,6 +96,10 @@ class Settings:
     # A `running` run nothing arrived from for this long is marked `crashed` (clients send a
     # heartbeat every wire.HEARTBEAT_S seconds while attached; any later frame revives it).
     heartbeat_timeout_s: float = 60.0
+    # The Host names requests may carry (DNS rebinding fails otherwise); None: origins.default_hosts.
+    allowed_hosts: list[str] | None = None
+    # Browser origins besides the server's own that may open its websockets (cross-site hijacking).
+    allow_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -149,6 +154,17 @@ class Settings:
             parts = urlsplit(self.public_url) if isinstance(self.public_url, str) else None
             if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"public_url must be an http:// or https:// URL, but got {self.public_url!r}")
+        # Normalised as browsers and Host headers spell them (frozen: set through object.__setattr__).
+        if self.allowed_hosts is not None:
+            object.__setattr__(self, "allowed_hosts", [origins.check_host(h) for h in self.allowed_hosts])
+        object.__setattr__(self, "allow_origins", [origins.check_origin(o) for o in self.allow_origins])
+
+    @property
+    def hosts(self) -> list[str]:
+        """The Host names this server answers to (`allowed_hosts`, else the defaults for its bind address)."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return origins.default_hosts(self.host, self.public_url)
 
     @property
     def auth_required(self) -> bool:

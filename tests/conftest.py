@@ -172,12 +172,17 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres").new_database()
 
 
+TEST_HOST = "testserver"  # the Host header of starlette's TestClient (its websockets always say it)
+
+
 @pytest.fixture
 def make_client(db_url: str) -> Iterator[Callable[..., TestClient]]:
     """make_client(**settings) -> a TestClient on a fresh app over the test's database."""
     clients: list[TestClient] = []
 
     def build(**settings: Any) -> TestClient:
+        # TestClient's requests say `Host: testserver`: a host this server must be told it is served under.
+        settings = {"allowed_hosts": [TEST_HOST], **settings}
         client = TestClient(create_app(Settings(db_url=db_url, **settings)))
         clients.append(client)
         return client

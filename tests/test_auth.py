@@ -181,3 +181,22 @@ def test_serving_beyond_loopback_without_a_token_warns(tmp_path: Path) -> None:
     for args in (["--host", "0.0.0.0", "--token", TOKEN], ["--host", "127.0.0.1"]):
         quiet = serve_output([*args, "--port", str(free_port()), *db], until="Uvicorn running")
         assert "Uvicorn running" in quiet and "WARNING: listening" not in quiet, quiet
+
+
+# ---------------------------------------------------------------- hosts and origins (red team #17 item 1)
+
+
+def test_hosts_and_origins_are_checked_and_named_when_bad() -> None:
+    from layerwatch.server.settings import Settings
+
+    assert Settings().hosts == ["127.0.0.1", "localhost", "::1"]
+    assert Settings(host="0.0.0.0").hosts == ["*"]  # any of the machine's names, unless told which
+    assert Settings(public_url="https://lw.example.com/").hosts[-1] == "lw.example.com"
+    assert Settings(host="0.0.0.0", allowed_hosts=["LW.example.com", "*.corp"]).hosts == ["lw.example.com", "*.corp"]
+    assert Settings(allow_origins=["HTTP://Notebook.local:8888/"]).allow_origins == ["http://notebook.local:8888"]
+    for bad in ("notebook.local:8888", "ftp://x", "http://x/path", "null"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            Settings(allow_origins=[bad])
+    for bad in ("host:8000", "a.*.b", "", "http://x"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            Settings(allowed_hosts=[bad])

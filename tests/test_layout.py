@@ -269,7 +269,7 @@ def test_each_vocabulary_word_is_spelled_once() -> None:
 
 
 def test_the_dashboard_gets_its_words_from_the_server(tmp_path: Path) -> None:
-    with TestClient(create_app(Settings(db_url=f"sqlite:///{tmp_path}/v.db"))) as client:
+    with TestClient(create_app(Settings(db_url=f"sqlite:///{tmp_path}/v.db")), base_url="http://localhost") as client:
         served = client.get("/static/vocabulary.js")
     assert served.status_code == 200 and served.headers["content-type"].startswith("text/javascript")
     assert served.text == vocabulary_js()

@@ -21,6 +21,7 @@ from layerwatch.server.main import create_app
 from layerwatch.server.settings import Settings
 from layerwatch.server.webhooks import outbox, payload, signing
 from layerwatch.server.webhooks.sender import Answer, parse_retry_after
+from tests.conftest import TEST_HOST
 from tests.test_webhooks import Receiver, finding, findings_frame, wait_until
 
 
@@ -32,7 +33,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def app_client(db_url: str, **settings: Any) -> TestClient:
-    return TestClient(create_app(Settings(db_url=db_url, **settings)))
+    return TestClient(create_app(Settings(db_url=db_url, allowed_hosts=[TEST_HOST], **settings)))
 
 
 def send(client: TestClient, frames: list[dict[str, Any]]) -> None:

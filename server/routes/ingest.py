@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from client_hook import wire
-from layerwatch.server import alerting, auth, store
+from layerwatch.server import alerting, auth, origins, store
 from layerwatch.server.db import WRITE_LOCK
 from layerwatch.server.diagnosis.engine import Engine
 from layerwatch.server.live import LiveHub, alert_event, ingest_events
@@ -151,6 +151,10 @@ async def ingest(websocket: WebSocket) -> None:
     hub: LiveHub = websocket.app.state.hub
     diagnosis: Engine = websocket.app.state.diagnosis
 
+    if not origins.origin_allowed(websocket, settings.allow_origins):
+        log.warning("ingest from %s refused: origin %r", websocket.client, websocket.headers.get("origin"))
+        await origins.refuse_origin(websocket)
+        return
     await websocket.accept()
     try:
         access = auth.websocket_access(websocket, settings)

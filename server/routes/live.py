@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from layerwatch.server import auth
+from layerwatch.server import auth, origins
 from layerwatch.server.live import LiveHub
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
 @router.websocket("/ws/live")
 async def live(websocket: WebSocket) -> None:
     hub: LiveHub = websocket.app.state.hub
+    if not origins.origin_allowed(websocket, websocket.app.state.settings.allow_origins):
+        log.warning("live from %s refused: origin %r", websocket.client, websocket.headers.get("origin"))
+        await origins.refuse_origin(websocket)  # a page of another site: it learns nothing, not even why
+        return
     try:
         access = auth.websocket_access(websocket, websocket.app.state.settings)
     except auth.Refused as exc:
