@@ -26,6 +26,7 @@ import contextvars
 import logging
 import numbers
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -244,6 +245,9 @@ class Monitor:
         self.distributed = distributed
         self.rank = distributed.rank if distributed is not None else None
         self.run_id = distributed.run_id if distributed is not None else uuid.uuid4().hex
+        # Proves to the server that later frames of this run come from its own client (wire: run_start
+        # "secret"; the server keeps only its hash). Never logged, never in status().
+        self._secret = distributed.secret if distributed is not None and distributed.secret else secrets.token_hex(16)
         self._close_timeout = close_timeout
         self._closed = False
         self._started = False
@@ -376,6 +380,7 @@ class Monitor:
                 model=describe_model(self._collector.inner, forward_order, optimized, self._weight_rms),
                 optimizer=describe_optimizer(self.optimizer),
                 config=config,
+                secret=self._secret,
             )
         )
 

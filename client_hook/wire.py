@@ -13,10 +13,22 @@ and every frame carries `protocol`, `kind`, `run_id` (client-generated),
 server stores a batch in one transaction, then answers
 `{"kind": "ack", "seqs": {run_id: [seq, ...]}}`, preceded by one
 `{"kind": "alert", "alert": {...}}` per alert the batch raised or escalated
-(the diagnosis runs after the commit, before the ack); a batch that fails
-validation is answered `{"kind": "error", "error": "..."}` and the connection
-is closed. Numbers are JSON numbers; NaN and ±Infinity are allowed where they
-are data (a NaN loss is a finding, not a bad frame).
+(the diagnosis runs after the commit, before the ack). A frame that fails
+validation is refused alone: the ack lists it under `"refused": [{"index": i,
+"error": "..."}]` (never stored, never acked; `split_batch`). A message that is
+not a batch is answered `{"kind": "error", "error": "..."}` and the connection
+is closed; `"retry": true` in it says the server could not store it for a
+passing reason of its own (storage full): the client sends it again later.
+Numbers are JSON numbers; NaN and ±Infinity are allowed where they are data
+(a NaN loss is a finding, not a bad frame).
+
+A run belongs to the client that started it: its run_start carries a
+`secret` (random, per run; the same on every rank), of which the server keeps
+only a hash. The first run_start of a run sets it; on each connection, the
+frames of such a run are taken only after a run_start with that secret came
+over that same connection (a client sends its run_start first on every
+connect), else they are refused by name and never take a sequence number. A
+run started without a secret (an older client) is written as before.
 
 A distributed training (DDP) is one run sent by each of its processes: every
 frame of rank r > 0 carries `rank` (rank 0 may, and a process outside any
@@ -438,7 +450,7 @@ _REQUIRED: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "run_end": {"status": _one_of(RUN_END_STATUSES), "time": _finite_number},
 }
 _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
-    "run_start": {"optimizer": _object_or_null, "config": _object_or_null},
+    "run_start": {"optimizer": _object_or_null, "config": _object_or_null, "secret": _nonempty_name},
     "scalars": {},
     "signals": {
         "training": _bool_or_null,

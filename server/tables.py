@@ -66,6 +66,9 @@ class Run(Base):
     # The client's count of frames it dropped, by kind or reason (heartbeat / run_end);
     # null when nothing was dropped: the run's record of its gaps.
     dropped: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    # SHA-256 of the secret its first run_start carried (auth.secret_hash): who may write to it.
+    # Null for a run started without one (an older client). Newer than the table (db.py adds it).
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class ReceivedFrame(Base):

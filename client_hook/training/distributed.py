@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class Distributed:
     run_id: str
     run: str  # the run's name, rank 0's
     config: dict[str, Any] = field(default_factory=dict)  # what run_start's config records about it
+    # The run's write secret (wire: run_start "secret"), the same on every rank: rank 0's, shared
+    # through the process group's store; without one, derived from the launch (see _from_environment).
+    secret: str = ""
 
 
 def join_run(name: str, *, named: bool, project: str, device: str | None) -> Distributed | None:
@@ -88,7 +92,7 @@ def _from_process_group(name: str, device: str | None) -> Distributed:
     global _joins
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {**_process(rank, device), "run_id": uuid.uuid4().hex, "run": name}
+    mine = {**_process(rank, device), "run_id": uuid.uuid4().hex, "run": name, "secret": secrets.token_hex(16)}
     if world > 1:
         store = dist.distributed_c10d._get_default_store()  # the rendezvous' store: host-side, no collective
         if rank == 0:
@@ -98,16 +102,18 @@ def _from_process_group(name: str, device: str | None) -> Distributed:
             attach_number = _joins + 1
             key = f"{STORE_PREFIX}{attach_number}"
             store.wait([key], datetime.timedelta(seconds=JOIN_TIMEOUT_S))  # raises after the timeout
-            mine = {**mine, **{k: v for k, v in json.loads(store.get(key)).items() if k in ("run_id", "run")}}
+            shared = json.loads(store.get(key))
+            mine = {**mine, **{k: v for k, v in shared.items() if k in ("run_id", "run", "secret")}}
         _joins = attach_number
     config = {
         "rank": rank,
         "world_size": world,
         "backend": str(dist.get_backend()),
         "run_id_from": "rank 0, shared at attach through the process group's store",
-        "ranks": [{k: v for k, v in mine.items() if k not in ("run_id", "run")}],  # this process (rank 0's is kept)
+        # this process (rank 0's is kept); never the secret
+        "ranks": [{k: v for k, v in mine.items() if k not in ("run_id", "run", "secret")}],
     }
-    return Distributed(rank, world, str(mine["run_id"]), str(mine["run"]), config)
+    return Distributed(rank, world, str(mine["run_id"]), str(mine["run"]), config, str(mine["secret"]))
 
 
 def _from_environment(
@@ -115,7 +121,8 @@ def _from_environment(
 ) -> Distributed:
     config: dict[str, Any] = {"rank": rank, "world_size": world, "ranks": [_process(rank, device)]}
     if world == 1:
-        return Distributed(rank, world, uuid.uuid4().hex, name, {**config, "run_id_from": "uuid (a world of one)"})
+        config = {**config, "run_id_from": "uuid (a world of one)"}
+        return Distributed(rank, world, uuid.uuid4().hex, name, config, secrets.token_hex(16))
     source, launch = _launch_identity()
     if source == "MASTER_ADDR:MASTER_PORT" and rank == 0:
         log.warning(
@@ -128,7 +135,10 @@ def _from_environment(
     run_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
     # Default names are per process (a timestamp): derived from the id instead, the same on every rank.
     run = name if named else f"run-{run_id[:8]}"
-    return Distributed(rank, world, run_id, run, {**config, "run_id_from": f"environment ({source})"})
+    # No channel between the ranks: the secret comes from the launch too (another hash of it, so the
+    # public run id does not give it away), or from LAYERWATCH_RUN_SECRET when set alike on every rank.
+    secret = os.environ.get("LAYERWATCH_RUN_SECRET") or hashlib.sha256(("secret\0" + seed).encode()).hexdigest()
+    return Distributed(rank, world, run_id, run, {**config, "run_id_from": f"environment ({source})"}, secret)
 
 
 def _launch_identity() -> tuple[str, str]:

@@ -12,6 +12,7 @@ connection only: what was stored stays, and other connections go on.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from typing import Any
@@ -42,9 +43,9 @@ class BadMessage(Exception):
         self.code = code
 
 
-def _parse(message: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The valid frames of one websocket message and the refused ones (`wire.split_batch`), or
-    BadMessage naming what is wrong with the message as a whole."""
+def _parse(message: dict[str, Any], limit: int) -> tuple[list[tuple[int, dict[str, Any]]], list[dict[str, Any]]]:
+    """The valid frames of one websocket message with their index in it, and the refused ones
+    (`wire.split_batch`), or BadMessage naming what is wrong with the message as a whole."""
     text = message.get("text")
     if text is None:
         raise BadMessage("binary messages are not accepted: send each batch as a JSON text message")
@@ -66,9 +67,51 @@ def _parse(message: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], l
         except RecursionError:
             raise BadMessage("message is nested too deeply to be a batch") from None
     try:
-        return wire.split_batch(batch)
+        frames, refused = wire.split_batch(batch)
     except wire.SchemaError as exc:
         raise BadMessage(str(exc)) from None
+    at = {id(f): i for i, f in enumerate(batch["frames"])}  # each valid frame's index in the batch
+    return [(at[id(f)], f) for f in frames], refused
+
+
+def _check_writers(
+    session: Session, frames: list[tuple[int, dict[str, Any]]], proven: set[str], refused: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The frames this connection may write: of a run with a secret, only once a run_start carrying it
+    came over this connection (`proven` remembers those runs); the others join `refused`, by index.
+
+    The first run_start of a run sets its secret (stored as a hash, in this batch's transaction: under
+    the write lock, no other connection can set it between). A run started without one (an older
+    client) is written as before, and never adopts one later: that would lock its own client out."""
+    run_ids = list(dict.fromkeys(f["run_id"] for _, f in frames))
+    known: dict[str, str | None] = store.run_secret_hashes(session, run_ids)
+    kept = []
+    for i, f in frames:
+        run_id = f["run_id"]
+        problem = None
+        if f["kind"] == "run_start":
+            given = store.secret_hash(f["secret"]) if f.get("secret") else None
+            if run_id not in known:
+                known[run_id] = given  # a new run: this run_start sets who may write it
+                if given is not None:
+                    proven.add(run_id)
+            elif known[run_id] is not None:
+                if given is not None and hmac.compare_digest(given, known[run_id]):
+                    proven.add(run_id)
+                else:
+                    problem = f"run {run_id!r} belongs to another client: this run_start does not carry its secret"
+        elif known.get(run_id) is not None and run_id not in proven:
+            problem = (
+                f"run {run_id!r} belongs to the client that started it: this connection has not sent its "
+                "run_start with the run's secret"
+            )
+        if problem is None:
+            kept.append(f)
+        else:
+            entry = {"index": i, "error": f"frame {i} ({f['kind']!r}): {problem}"}
+            refused.append({**entry, **{k: f[k] for k in ("run_id", "seq", "rank") if k in f}})
+    refused.sort(key=lambda r: r["index"])
+    return kept
 
 
 def _check_access(session: Session, frames: list[dict[str, Any]], access: auth.Access, allowed: set[str]) -> None:
@@ -92,19 +135,23 @@ def _receive(
     limit: int,
     access: auth.Access,
     allowed: set[str],
+    proven: set[str],
 ) -> tuple[store.IngestResult, list[store.RunInfo], list[dict[str, Any]]]:
     """Runs in a worker thread: parse and validate (a 16 MB batch takes a while to parse;
     the event loop keeps serving dashboards meanwhile), check the token may send these
     runs, commit the batch's valid frames, then read the changed runs for the live push.
     Also returns the refused frames."""
-    frames, refused = _parse(message, limit)
-    if refused:
-        log.warning("ingest refused %d frame(s) of a batch; the first: %s", len(refused), refused[0]["error"])
-    if not frames:
+    indexed, refused = _parse(message, limit)
+    if not indexed:
+        _log_refused(refused)
         return store.IngestResult(), [], refused
     with WRITE_LOCK, sessions() as session:
         # Checked under the write lock, in the batch's own transaction: no other writer can
         # store one of these runs, under another project, between the check and the write.
+        frames = _check_writers(session, indexed, proven, refused)
+        _log_refused(refused)
+        if not frames:
+            return store.IngestResult(), [], refused
         if access.project is not None:
             _check_access(session, frames, access, allowed)
         result = store.ingest_batch(session, frames=frames, raise_alert=alerting.raise_alert)
@@ -130,6 +177,11 @@ def _first_line(exc: Exception) -> str:
     """The database's own message without the SQL and parameters SQLAlchemy appends."""
     text = str(getattr(exc, "orig", None) or exc)
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _log_refused(refused: list[dict[str, Any]]) -> None:
+    if refused:
+        log.warning("ingest refused %d frame(s) of a batch; the first: %s", len(refused), refused[0]["error"])
 
 
 async def _reject(websocket: WebSocket, text: str, code: int, retry: bool = False) -> None:
@@ -165,6 +217,7 @@ async def ingest(websocket: WebSocket) -> None:
         await _reject(websocket, problem, status.WS_1008_POLICY_VIOLATION)
         return
     allowed: set[str] = set()  # runs this connection was checked to be allowed to send
+    proven: set[str] = set()  # runs this connection sent the secret of (their run_start)
     log.info("ingest connection from %s", websocket.client)
     while True:
         message = await websocket.receive()
@@ -173,7 +226,7 @@ async def ingest(websocket: WebSocket) -> None:
             return
         try:
             result, runs, refused = await run_in_threadpool(
-                _receive, sessions, diagnosis, message, settings.max_message_bytes, access, allowed
+                _receive, sessions, diagnosis, message, settings.max_message_bytes, access, allowed, proven
             )
         except BadMessage as exc:
             await _reject(websocket, str(exc), exc.code)

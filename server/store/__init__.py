@@ -42,8 +42,10 @@ from layerwatch.server.store.runs import (
     mark_crashed,
     run_name_and_project,
     run_projects,
+    run_secret_hashes,
     run_series,
     scalar_keys,
+    secret_hash,
 )
 from layerwatch.server.store.series import (
     DEFAULT_MAX_POINTS,
@@ -85,9 +87,11 @@ __all__ = [
     "read_steps",
     "run_name_and_project",
     "run_projects",
+    "run_secret_hashes",
     "run_series",
     "scalar_keys",
     "scalar_series",
+    "secret_hash",
     "stored_run",
     "unpack_counts",
     "upsert_alert",

@@ -3,6 +3,7 @@ module order the heatmaps follow, and marking silent runs crashed (for server/li
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from typing import Any
 
@@ -71,6 +72,19 @@ def get_run(session: Session, *, run_id: str) -> RunInfo | None:
     run, project_name = row
     counts = _alert_counts(session, [run_id])
     return _run_info(run, project_name, counts.get(run_id, dict.fromkeys(wire.SEVERITIES, 0)))
+
+
+def secret_hash(secret: str) -> str:
+    """What is stored of a run's write secret: its SHA-256, hex (the secret is random: no salt needed)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def run_secret_hashes(session: Session, run_ids: list[str]) -> dict[str, str | None]:
+    """{run id: its secret hash, None for a run started without a secret} of the stored `run_ids`."""
+    if not run_ids:
+        return {}
+    rows = session.execute(select(Run.id, Run.secret_hash).where(Run.id.in_(run_ids)))
+    return {run_id: hashed for run_id, hashed in rows}
 
 
 def run_projects(session: Session, run_ids: list[str]) -> dict[str, str]:

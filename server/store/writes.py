@@ -35,6 +35,7 @@ from layerwatch.server.records import (
 from layerwatch.server.store import rollup
 from layerwatch.server.store.alerts import upsert_alert
 from layerwatch.server.store.codec import pack_counts
+from layerwatch.server.store.runs import secret_hash
 from layerwatch.server.tables import (
     Histogram,
     LayerStat,
@@ -255,6 +256,8 @@ def _start_run(session: Session, run: Run | None, f: dict[str, Any], projects: d
         projects[f["project"]] = project
     if run is None:
         run = Run(id=f["run_id"], status="running", created_at=f["time"], updated_at=now)
+        # The first run_start's secret decides who may write the run (routes/ingest.py checks it).
+        run.secret_hash = secret_hash(f["secret"]) if f.get("secret") else None
         session.add(run)
     # A run_start for a run we know (a client re-attaching) only refreshes its description.
     run.project_id = project.id
