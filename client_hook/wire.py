@@ -171,6 +171,10 @@ MAX_RANK = 2**20 - 1  # far beyond any process group; a bigger "rank" is a bug, 
 MAX_NAME_LEN = 256
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # default server limit for one batch
 MAX_COUNT = 2**63 - 1  # seqs, steps and counts are stored as 64-bit signed database integers
+# Objects and lists inside a frame (a config, a model description) nest at most this deep: a flattened
+# Hydra config is 2-5 levels; 1,000 made Python's repr and JSON encoding of the value itself fail.
+MAX_DEPTH = 64
+MAX_STEP = 2**53 - 1  # steps beyond are not exact JavaScript numbers: a chart of them collapses
 
 
 class SchemaError(ValueError):
@@ -202,6 +206,13 @@ def _count(v: Any) -> str | None:
     return None if v <= MAX_COUNT else "a non-negative integer below 2**63 (a 64-bit database integer)"
 
 
+def _step(v: Any) -> str | None:
+    problem = _count(v)
+    if problem is None and v > MAX_STEP:
+        return f"a non-negative integer up to 2**53 - 1 (the dashboard draws steps as JavaScript numbers), not {v}"
+    return problem
+
+
 def _rank(v: Any) -> str | None:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_RANK:
         return f"a process rank: an integer from 0 to {MAX_RANK}"
@@ -213,15 +224,15 @@ def _is_protocol(v: Any) -> bool:
 
 
 def _name(v: Any) -> str | None:
-    return None if isinstance(v, str) and len(v) <= MAX_NAME_LEN else f"a string of at most {MAX_NAME_LEN} characters"
+    if not isinstance(v, str) or len(v) > MAX_NAME_LEN:
+        return f"a string of at most {MAX_NAME_LEN} characters"
+    return None if _valid_text(v) else "valid Unicode text (it holds a lone surrogate)"
 
 
 def _nonempty_name(v: Any) -> str | None:
-    return (
-        None
-        if isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN
-        else f"a non-empty string of at most {MAX_NAME_LEN} characters"
-    )
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME_LEN:
+        return f"a non-empty string of at most {MAX_NAME_LEN} characters"
+    return None if _valid_text(v) else "valid Unicode text (it holds a lone surrogate)"
 
 
 def _object(v: Any) -> str | None:
@@ -229,7 +240,40 @@ def _object(v: Any) -> str | None:
 
 
 def _object_or_null(v: Any) -> str | None:
-    return None if v is None or isinstance(v, dict) else "an object or null"
+    if v is not None and not isinstance(v, dict):
+        return "an object or null"
+    return _shallow(v)
+
+
+def _shallow(v: Any) -> str | None:
+    """None when `v` nests at most MAX_DEPTH objects and lists deep and holds only strings that are
+    valid Unicode (no lone surrogate: a `\\ud800` escape would make every later answer about its run
+    fail to encode); else what is wrong. Iterative: a deep value cannot exhaust the stack here."""
+    stack = [(v, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.keys()) + list(value.values())
+        elif isinstance(value, list):
+            items = value
+        elif isinstance(value, str):
+            if not _valid_text(value):
+                return f"valid Unicode text (a string holds a lone surrogate: {ascii(value[:40])})"
+            continue
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return f"at most {MAX_DEPTH} levels of objects and lists deep"
+        stack.extend((item, depth + 1) for item in items)
+    return None
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -253,12 +297,17 @@ def _model(v: Any) -> str | None:
         return "an object with a 'modules' list"
     for i, module in enumerate(v["modules"]):
         if not isinstance(module, dict) or _name(module.get("name")) or _name(module.get("type")):
-            return f"an object whose modules each have string 'name' and 'type' (module {i} is {module!r})"
-        if not isinstance(module.get("params", []), list):
-            return f"an object whose modules have a 'params' list (module {i} has {module.get('params')!r})"
+            return f"an object whose modules each have string 'name' and 'type' (module {i} is {_short(module)})"
+        params = module.get("params", [])
+        if not isinstance(params, list):
+            return f"an object whose modules have a 'params' list (module {i} has {_short(params)})"
+        for p in params:
+            if not (isinstance(p, str) or (isinstance(p, dict) and isinstance(p.get("name"), str))):
+                return f"an object whose params are names or objects with a 'name' (module {i} has {_short(p)})"
     if "tensors" in v and _names(v["tensors"]):
         return f"an object whose 'tensors' is a list of names (got {_short(v['tensors'])})"
-    return None
+    deep = _shallow(v)
+    return f"an object {deep}" if deep else None
 
 
 def _rows(
@@ -363,7 +412,7 @@ _KINDS = frozenset(TENSOR_KINDS)
 
 
 def _plain_names(column: tuple[Any, ...]) -> bool:
-    return set(map(type, column)) == {str} and max(map(len, column)) <= MAX_NAME_LEN
+    return set(map(type, column)) == {str} and max(map(len, column)) <= MAX_NAME_LEN and _valid_text("".join(column))
 
 
 def _plain_keys(columns: list[tuple[Any, ...]]) -> bool:
@@ -434,7 +483,7 @@ _COMMON: dict[str, Callable[[Any], str | None]] = {
     "kind": _one_of(FRAME_KINDS),
     "run_id": _nonempty_name,
     "seq": _count,
-    "step": _count,
+    "step": _step,
 }
 
 # Required fields per frame kind, beyond the common ones. Optional fields are
@@ -479,7 +528,10 @@ _OPTIONAL: dict[str, dict[str, Callable[[Any], str | None]]] = {
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = ascii(value)  # ASCII: a lone surrogate quoted in an error must not break sending it
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -601,7 +653,9 @@ EMPTY_NAME = "(empty)"  # what an empty name that must not be empty is sent as (
 def fit_name(name: str, *, nonempty: bool = False) -> str:
     """`name` within MAX_NAME_LEN: a longer one keeps its start and ends in "~" and 8 hex digits of
     its SHA-1 (stable, and two long names sharing a start stay apart); an empty one where a name
-    must not be empty is EMPTY_NAME."""
+    must not be empty is EMPTY_NAME; a lone surrogate becomes "?"."""
+    if not _valid_text(name):
+        name = name.encode("utf-8", "replace").decode("utf-8")
     if len(name) > MAX_NAME_LEN:
         digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         return name[: MAX_NAME_LEN - 9] + "~" + digest
@@ -609,7 +663,7 @@ def fit_name(name: str, *, nonempty: bool = False) -> str:
 
 
 def _fit(value: Any, nonempty: bool, fixed: list[tuple[str, str]]) -> Any:
-    if not isinstance(value, str) or (len(value) <= MAX_NAME_LEN and (value or not nonempty)):
+    if not isinstance(value, str) or (len(value) <= MAX_NAME_LEN and (value or not nonempty) and _valid_text(value)):
         return value
     fitted = fit_name(value, nonempty=nonempty)
     fixed.append((value, fitted))

@@ -4,6 +4,7 @@ bad messages closing only their own connection, tokens, and NaN as data."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -297,3 +298,49 @@ def test_a_nan_on_one_rank_is_judged_with_every_rank_s_data_and_names_it(client:
         (replayed,) = [f for f, _, _ in diagnose_stored_run(session, run_id="ddp") if f.rule == "non_finite"]
     engine.dispose()
     assert (replayed.step, replayed.message) == (3, alert["message"])
+
+
+DEEP = object()  # stands for a config nested 1,000 deep, spliced into the message's text
+DEEP_TEXT = '{"a": ' * 1000 + "1" + "}" * 1000  # json.dumps itself cannot write it (RecursionError)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("config", DEEP, "at most 64 levels of objects and lists deep"),
+        ("config", {"lr": "\ud800"}, "valid Unicode text (a string holds a lone surrogate"),
+        ("model", {"modules": [{"name": "fc", "type": "Linear", "params": [[1]]}]}, "params are names or objects"),
+        ("name", "bad\udfff", "valid Unicode text"),
+    ],
+    ids=["deep-config", "surrogate-config", "params-not-names", "surrogate-name"],
+)
+def test_malformed_descriptions_are_refused_alone_and_the_server_answers_on(
+    client: TestClient, run_frames: Any, caplog: pytest.LogCaptureFixture, field: str, value: Any, expected: str
+) -> None:
+    """Red team #17 item 7: a config nested 1,000 deep made the error text itself fail (12k log lines per
+    message), a lone surrogate stored in a config turned GET /api/runs/{id} into a 500, `params: [[1]]` the
+    heatmap. Each is refused by name, with one log line; the good run beside it is stored and readable."""
+    bad = wire.frame("run_start", run_id="bad", seq=0, step=0, name="b", project="p", time=1.0, model={"modules": []})
+    bad[field] = value
+    good = run_frames(run_id="good", steps=2)
+    text = json.dumps(wire.batch([{**bad, field: "DEEP"} if value is DEEP else bad, *good]))
+    text = text.replace('"DEEP"', DEEP_TEXT, 1)
+    with caplog.at_level(logging.WARNING), client.websocket_connect("/ws/ingest") as ws:
+        ws.send_text(text)
+        answer = ws.receive_json()
+    assert answer["kind"] == "ack" and answer["seqs"] == {"good": [f["seq"] for f in good]}, answer
+    (refusal,) = answer["refused"]
+    assert refusal["index"] == 0 and expected in refusal["error"], refusal
+    assert len(caplog.records) < 5, [r.getMessage()[:100] for r in caplog.records]
+    assert {run["id"] for run in client.get("/api/runs").json()} == {"good"}
+    assert client.get("/api/runs/good").status_code == 200
+
+
+def test_a_step_past_what_the_dashboard_can_draw_is_refused(client: TestClient, run_frames: Any) -> None:
+    start = run_frames(run_id="run-1", steps=1, end=False)
+    huge = wire.frame("scalars", run_id="run-1", seq=len(start), step=2**63 - 1, values={"loss": 1.0}, time=1.0)
+    with client.websocket_connect("/ws/ingest") as ws:
+        answer = send(ws, [*start, huge])
+    assert [r["index"] for r in answer["refused"]] == [len(start)]
+    assert "up to 2**53 - 1" in answer["refused"][0]["error"]
+    assert client.get("/api/runs/run-1").json()["last_step"] == 0
