@@ -43,8 +43,10 @@ RULE_ID = "loss_at_chance"
 BAND = 0.05  # within 5% of the chance level: what a model ignoring its inputs scores, give or take noise
 START = 10  # steps before the training loss is judged (the first updates move it off its init value)
 SMOOTH = 20  # losses averaged
-STUCK_STEPS = 40  # steps the smoothed loss stays at chance (fires ~step 50 for a fault present from the start)
-MIN_PROGRESS = 0.02  # the smoothed loss falling by 2% over STUCK_STEPS steps is learning, however slow
+# Steps the smoothed loss stays at chance: with START and SMOOTH it fires at ~step 48 for a fault present
+# from the start, within 50 steps of it.
+STUCK_STEPS = 30
+MIN_PROGRESS = 0.015  # the smoothed loss falling by 1.5% over STUCK_STEPS steps is learning, however slow
 PATIENCE = 2  # evaluations at chance, the last no better than the one before
 # Training loss below 92% of chance: it has learnt something of its labels (memorising 300 random labels,
 # the suite's digits MLP gets there ~40 steps after its loss leaves chance; a healthy model's validation
