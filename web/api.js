@@ -49,7 +49,8 @@ export async function apiFetch(url, init = {}) {
 async function getJSON(path, params = {}) {
   const query = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) {
-    if (v !== undefined && v !== null && v !== "") query.set(k, v);
+    // "" is a real layer name: the root module's (a ViT's cls_token lives there); elsewhere it means unset.
+    if (v !== undefined && v !== null && (v !== "" || k === "layer")) query.set(k, v);
   }
   const qs = query.toString();
   const response = await apiFetch(qs ? `${path}?${qs}` : path);

@@ -145,7 +145,12 @@ export function wireHeatClicks(id) {
 // ------------------------------------------------------------------ histograms
 
 function seriesLabel(s) {
-  return `${s.layer}.${s.param} · ${s.kind}`;
+  return `${tensorLabel(s)} · ${s.kind}`;
+}
+
+// "layer.param", or the parameter alone for the root module (layer ""), as model.named_parameters() says it.
+function tensorLabel(s) {
+  return s.layer ? `${s.layer}.${s.param}` : s.param;
 }
 
 export function renderSeriesSelect() {
@@ -214,5 +219,5 @@ export async function loadHistogram(gen) {
   ]);
   if (gen !== S.gen || S.seriesKey !== seriesKey(chosen) || S.tab !== "histograms") return;
   describeNonfinite(stats);
-  await renderHistogram($("histogram-plot"), hist, stats, `${chosen.layer}.${chosen.param} (${chosen.kind})`, { xRange: S.range, step: S.step });
+  await renderHistogram($("histogram-plot"), hist, stats, `${tensorLabel(chosen)} (${chosen.kind})`, { xRange: S.range, step: S.step });
 }

@@ -312,3 +312,37 @@ def test_runs_list_sparkline_and_names_as_text(probe, client_for, server):
     assert page.locator("img").count() == 0
     assert httpx.get(f"{server}/api/runs/{run_id}").status_code == 200
     assert probe.errors == []
+
+
+class RootParameterModel(nn.Module):
+    """A ViT-like model whose class token is a parameter of the root module (its layer name is "")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 8) * 0.02)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.cls_token)
+
+
+def test_a_parameter_of_the_root_module_has_its_histogram(probe, server):
+    """Red team #17 item 10: the dashboard left out `layer=` when the layer is the root module's "", and
+    the server answered 422: a ViT's cls_token had no histograms."""
+    torch.manual_seed(0)
+    model = RootParameterModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = monitor.attach(model, optimizer=opt, server=server, run="root-param", every=1, close_timeout=20)
+    for _ in range(6):
+        loss = F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 4, (16,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.log(loss=loss)
+    mon.close()
+    page = probe.page
+    page.goto(run_url(mon.run_id) + "?tab=histograms&layer=&hkind=weight&hparam=cls_token")
+    page.wait_for_function(f"{trace_len('histogram-plot')} > 0")
+    assert page.locator("#hist-series option:checked").text_content() == "cls_token · weight"
+    assert any("histograms?layer=&param=cls_token" in url for url in probe.requests), probe.requests
+    assert probe.errors == []
