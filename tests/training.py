@@ -21,3 +21,13 @@ def train_step(
     if mon is not None:
         mon.log(loss=loss, targets=y)
     return loss
+
+
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, losses: list[float], mon: monitor.Monitor | None) -> None:
+    """One optimizer step on `loss` (zero_grad, backward, step), its value kept in `losses`, logged to `mon`."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    if mon is not None:
+        mon.log(loss=loss)

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from tests.faults.conftest import by_rule, describe
 from tests.faults.test_gradient_rules import DIGITS_X, DIGITS_Y
+from tests.training import optimize
 
 
 class Exp(nn.Module):
@@ -124,13 +125,7 @@ def train_half(model: nn.Module, opt: torch.optim.Optimizer, steps: int):
         losses = []
         for _ in range(steps):
             idx = torch.randint(0, len(DIGITS_Y), (32,), generator=g)
-            loss = F.cross_entropy(model(DIGITS_X[idx].half()).float(), DIGITS_Y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if mon is not None:
-                mon.log(loss=loss)
+            optimize(opt, F.cross_entropy(model(DIGITS_X[idx].half()).float(), DIGITS_Y[idx]), losses, mon)
         return losses
 
     return train

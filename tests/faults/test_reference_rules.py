@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from tests.faults.conftest import alarms, by_rule, describe
 from tests.faults.healthy_models import CausalLM
+from tests.training import optimize
 
 _X, _Y = load_digits(return_X_y=True)
 DIGITS = torch.tensor(_X / 16.0, dtype=torch.float32)
@@ -39,13 +40,7 @@ def unpaired_loop(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, p
         for _ in range(steps):
             idx = torch.randint(0, len(DIGITS), (64,), generator=gx)
             label_idx = idx if paired else torch.randint(0, len(DIGITS), (64,), generator=gy)
-            loss = F.cross_entropy(model(DIGITS[idx]), LABELS[label_idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if mon is not None:
-                mon.log(loss=loss)
+            optimize(opt, F.cross_entropy(model(DIGITS[idx]), LABELS[label_idx]), losses, mon)
         return losses
 
     return train
@@ -183,13 +178,7 @@ def lm_loop(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, lr_jump
             starts = torch.randint(0, len(TEXT) - 33, (16,), generator=g)
             x = torch.stack([TEXT[s : s + 32] for s in starts])
             y = torch.stack([TEXT[s + 1 : s + 33] for s in starts])
-            loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if mon is not None:
-                mon.log(loss=loss)
+            optimize(opt, F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1)), losses, mon)
         return losses
 
     return train
