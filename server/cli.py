@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
             heartbeat_timeout_s=args.heartbeat_timeout,
             allowed_hosts=[*_env_list("LAYERWATCH_ALLOWED_HOSTS"), *args.allowed_host] or None,
             allow_origins=[*_env_list("LAYERWATCH_ALLOW_ORIGINS"), *args.allow_origin],
+            webhook_allow_private=args.webhook_allow_private,
         )
     except ValueError as exc:
         print(f"layerwatch serve: {exc}", file=sys.stderr)
@@ -117,17 +118,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _webhook_test(args: argparse.Namespace) -> int:
-    from layerwatch.server.settings import Settings, check_webhook_url
+    from layerwatch.server.settings import Settings, check_webhook_destination
     from layerwatch.server.webhooks import sender
     from layerwatch.server.webhooks.worker import sample_delivery, send
 
     try:
-        check_webhook_url(args.url)
+        check_webhook_destination(args.url, args.allow_private)
     except ValueError as exc:
         print(f"layerwatch webhook test: {exc}", file=sys.stderr)
         return 2
     secret = args.secret or os.environ.get("LAYERWATCH_WEBHOOK_SECRET") or None
-    settings = Settings(webhook_secret=secret, webhook_timeout_s=args.timeout, public_url=args.public_url)
+    settings = Settings(
+        webhook_secret=secret,
+        webhook_timeout_s=args.timeout,
+        public_url=args.public_url,
+        webhook_allow_private=args.allow_private,
+    )
     due = sample_delivery(args.url)
     answer: sender.Answer = send(due, settings=settings)
     signed = "signed" if secret else "unsigned"
@@ -248,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         "localhost, 127.0.0.1, ::1 and the --public-url host; any host when --host is 0.0.0.0 or ::)",
     )
     serve.add_argument(
+        "--webhook-allow-private",
+        action="store_true",
+        default=os.environ.get("LAYERWATCH_WEBHOOK_ALLOW_PRIVATE", "").strip().lower() in ("1", "true", "yes"),
+        help="let webhooks post to loopback, private and link-local addresses (a receiver on this machine or "
+        "LAN; also $LAYERWATCH_WEBHOOK_ALLOW_PRIVATE=1): refused otherwise, also for names resolving there",
+    )
+    serve.add_argument(
         "--allow-origin",
         action="append",
         default=[],
@@ -289,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_test.add_argument("--secret", help="sign with this secret (default: $LAYERWATCH_WEBHOOK_SECRET)")
     webhook_test.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)g)")
     webhook_test.add_argument("--public-url", help="the dashboard address for the sample's link")
+    webhook_test.add_argument(
+        "--allow-private", action="store_true", help="allow a loopback, private or link-local destination"
+    )
     webhook_test.set_defaults(func=_webhook_test)
     return parser
 

@@ -15,6 +15,7 @@ from sqlalchemy.exc import ArgumentError
 
 from client_hook import wire
 from layerwatch.server import origins
+from layerwatch.server.webhooks import destinations
 
 
 def check_webhook_url(url: object) -> str:
@@ -28,6 +29,20 @@ def check_webhook_url(url: object) -> str:
         raise ValueError(f"webhook URL {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"webhook URL {url!r} must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None or any(c.isspace() for c in url):
+        # Never deliverable as written (urllib sends no credentials from the URL), and a credential in it
+        # would be shown wherever the URL is.
+        raise ValueError(f"webhook URL {url!r} must have no user:password@ part and no spaces")
+    return url
+
+
+def check_webhook_destination(url: str, allow_private: bool) -> str:
+    """`url` (check_webhook_url), refused with ValueError if it points at an internal address
+    written out (destinations.refusal) unless `allow_private`."""
+    check_webhook_url(url)
+    problem = None if allow_private else destinations.refusal(url)
+    if problem:
+        raise ValueError(problem)
     return url
 
 
@@ -100,6 +115,8 @@ class Settings:
     allowed_hosts: list[str] | None = None
     # Browser origins besides the server's own that may open its websockets (cross-site hijacking).
     allow_origins: list[str] = field(default_factory=list)
+    # Webhooks may post to loopback, private and link-local addresses (a receiver on this machine or LAN).
+    webhook_allow_private: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -123,7 +140,7 @@ class Settings:
         ):
             raise ValueError(f"max_message_bytes must be a positive integer, but got {self.max_message_bytes!r}")
         for url in self.webhooks:
-            check_webhook_url(url)
+            check_webhook_destination(url, self.webhook_allow_private)
         if self.webhook_secret is not None and (not isinstance(self.webhook_secret, str) or not self.webhook_secret):
             raise ValueError(f"webhook_secret must be a non-empty string or None, but got {self.webhook_secret!r}")
         if self.webhook_min_severity not in wire.SEVERITIES:

@@ -182,7 +182,9 @@ def make_client(db_url: str) -> Iterator[Callable[..., TestClient]]:
 
     def build(**settings: Any) -> TestClient:
         # TestClient's requests say `Host: testserver`: a host this server must be told it is served under.
-        settings = {"allowed_hosts": [TEST_HOST], **settings}
+        # And its webhook receivers listen on 127.0.0.1: an internal address, allowed here (test_webhooks
+        # checks the refusal with the default).
+        settings = {"allowed_hosts": [TEST_HOST], "webhook_allow_private": True, **settings}
         client = TestClient(create_app(Settings(db_url=db_url, **settings)))
         clients.append(client)
         return client

@@ -125,6 +125,7 @@ def serve_with_webhooks(
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "layerwatch", "serve", "--port", str(port), "--db", f"sqlite:///{db_path}"]
+    command.append("--webhook-allow-private")  # the receivers listen on 127.0.0.1
     for url in webhooks:
         command += ["--webhook", url]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERWATCH_")}
@@ -354,6 +355,7 @@ def test_a_bad_webhook_url_stops_start_up_naming_it(tmp_path: Path) -> None:
 def test_webhook_test_command_posts_a_valid_signed_sample(webhook_receiver: Receiver) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERWATCH_")}
     command = [sys.executable, "-m", "layerwatch", "webhook", "test", webhook_receiver.url, "--secret", SECRET]
+    command.append("--allow-private")
     result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 0, result.stderr
     assert "HTTP 200" in result.stdout
@@ -388,3 +390,62 @@ def test_webhook_test_command_fails_when_the_receiver_does(tmp_path: Path) -> No
             assert result.returncode != 0 and url in result.stderr, (url, result.stderr)
     finally:
         refusing.stop()
+
+
+# ---------------------------------------------------------------- SSRF (red team #17 item 9)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/",
+        "http://2130706433/",  # 127.0.0.1 as one integer
+        "http://0x7f000001:8080/",
+        "http://10.0.0.5/hook",
+        "http://[::ffff:127.0.0.1]/",
+    ],
+)
+def test_internal_webhook_addresses_are_refused_by_default(make_client, url: str, tmp_path: Path) -> None:
+    from layerwatch.server.settings import Settings
+
+    with pytest.raises(ValueError, match="internal address"):
+        Settings(webhooks=[url])
+    client = make_client(webhook_allow_private=False)
+    answer = client.post("/api/webhooks", json={"url": url})
+    assert answer.status_code == 422 and "internal address" in answer.text and "--webhook-allow-private" in answer.text
+    refused = subprocess.run(
+        [sys.executable, "-m", "layerwatch", "webhook", "test", url], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 2 and "internal address" in refused.stderr
+
+
+def test_a_name_that_resolves_inside_is_refused_at_delivery_and_not_retried(tmp_path: Path) -> None:
+    """`localhost` is a name, allowed when added; it resolves to 127.0.0.1 when the alert is delivered: the
+    delivery fails for good, the receiver gets nothing, and the internal service's answer is never shown."""
+    receiver = Receiver(script=[(500, {})]).start()  # its body ("ok") stands for an internal service's answer
+    try:
+        inside = receiver.url.replace("127.0.0.1", "localhost")
+        result = subprocess.run(
+            [sys.executable, "-m", "layerwatch", "webhook", "test", inside], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 1 and "resolves to an internal address" in result.stderr, result.stderr
+        assert receiver.requests == []
+        allowed = subprocess.run(
+            [sys.executable, "-m", "layerwatch", "webhook", "test", inside, "--allow-private"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert allowed.returncode == 1 and "HTTP 500" in allowed.stderr  # reached, refused by the receiver ...
+        assert "ok" not in allowed.stderr.split("HTTP 500")[1]  # ... whose body is not echoed
+    finally:
+        receiver.stop()
+
+
+def test_webhook_urls_with_credentials_or_spaces_are_refused() -> None:
+    from layerwatch.server.settings import check_webhook_url
+
+    for bad in ("https://user:pw@hooks.example.com/x", "https://hooks.example.com/a b"):
+        with pytest.raises(ValueError, match="no user:password@ part and no spaces"):
+            check_webhook_url(bad)

@@ -33,7 +33,8 @@ def receiver() -> Iterator[Receiver]:
 
 
 def app_client(db_url: str, **settings: Any) -> TestClient:
-    return TestClient(create_app(Settings(db_url=db_url, allowed_hosts=[TEST_HOST], **settings)))
+    settings = {"allowed_hosts": [TEST_HOST], "webhook_allow_private": True, **settings}  # receivers on 127.0.0.1
+    return TestClient(create_app(Settings(db_url=db_url, **settings)))
 
 
 def send(client: TestClient, frames: list[dict[str, Any]]) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 
 from client_hook import wire
 from layerwatch.server import auth
 from layerwatch.server.db import WRITE_LOCK
 from layerwatch.server.routes.deps import AccessDep, SessionDep, get_run_or_404
+from layerwatch.server.settings import check_webhook_destination
 from layerwatch.server.webhooks import store
 from layerwatch.server.webhooks.schemas import AlertDeliveriesPublic, DeliveryPublic, WebhookCreate, WebhookPublic
 
@@ -36,8 +37,12 @@ WebhookIdPath = Annotated[int, Path(ge=0, le=wire.MAX_COUNT)]
     responses={400: {"description": "The body is not valid JSON"}},
     dependencies=EVERY_PROJECT,
 )
-def create_webhook(session: SessionDep, body: WebhookCreate) -> WebhookPublic:
+def create_webhook(session: SessionDep, body: WebhookCreate, request: Request) -> WebhookPublic:
     """Post this server's alerts (of `project`, or all when null) at `min_severity` or above to `url`."""
+    try:
+        check_webhook_destination(body.url, request.app.state.settings.webhook_allow_private)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(exc)) from None
     with WRITE_LOCK:
         webhook = store.create_webhook(
             session,

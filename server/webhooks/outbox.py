@@ -209,7 +209,7 @@ def retry_delay(attempt: int, *, base_s: float, max_s: float, rng: random.Random
 def retryable(answer: Answer) -> bool:
     """No answer, 429 and 5xx are worth another try; any other 4xx (or a 3xx) will not change."""
     code = answer.status_code
-    return code is None or code == 429 or code >= 500
+    return not answer.final and (code is None or code == 429 or code >= 500)
 
 
 def record_attempt(

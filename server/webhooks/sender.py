@@ -27,6 +27,7 @@ class Answer:
     latency_ms: float
     error: str | None = None
     retry_after_s: float | None = None  # a 429's or 503's Retry-After, in seconds from now
+    final: bool = False  # never worth another try (a destination the server refuses to post to)
 
     @property
     def ok(self) -> bool:
@@ -72,7 +73,8 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Answ
             text = exc.read(MAX_ERROR_BODY).decode("utf-8", "replace").strip()
         except OSError:
             text = ""
-        error = f"HTTP {exc.code} {exc.reason}" + (f": {text}" if text else "")
+        # The body's length only: an internal service's answer is not echoed back to whoever added the URL.
+        error = f"HTTP {exc.code} {exc.reason}" + (f" ({len(text)} bytes of body)" if text else "")
         retry_after = parse_retry_after(exc.headers.get("Retry-After")) if exc.headers else None
         return Answer(exc.code, latency, error, retry_after)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:

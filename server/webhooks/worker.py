@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.orm import Session, sessionmaker
 
 from layerwatch.server.settings import Settings
-from layerwatch.server.webhooks import outbox, payload, sender, signing
+from layerwatch.server.webhooks import destinations, outbox, payload, sender, signing
 from layerwatch.server.webhooks import store as webhook_store
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,12 @@ class WebhookWorker:
 
 
 def send(due: outbox.Due, *, settings: Settings) -> sender.Answer:
-    """Render, sign and POST one attempt (blocking)."""
+    """Render, sign and POST one attempt (blocking); not to an internal address unless allowed (checked
+    now, on what the URL's host resolves to: a final failure, not retried)."""
+    if not settings.webhook_allow_private:
+        refused = destinations.delivery_refusal(due.url)
+        if refused:
+            return sender.Answer(None, 0.0, refused, final=True)
     body = payload.render(
         due.payload, delivery_id=due.id, sent_at=time.time(), base_url=settings.base_url, attempt=due.attempt
     )
