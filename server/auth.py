@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -183,9 +184,10 @@ def exposure_warning(host: str, port: int, token: str | None, project_tokens: bo
 
 class RedactTokens(logging.Filter):
     """A logging filter that blanks `token=...` in query strings (uvicorn logs every websocket's
-    path with its query, and a dashboard's /ws/live carries the token there)."""
+    path with its query, and a dashboard's /ws/live carries the token there), whatever way the key is
+    spelt: the server reads `?%74oken=T` (percent-encoded) as `?token=T`, so the filter does too."""
 
-    _PATTERN = re.compile(r"([?&]token=)[^&\s\"']*")
+    _PATTERN = re.compile(r"([?&])([^=&\s\"']{1,64})=([^&\s\"']*)")
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Argument by argument, keeping their shape: uvicorn's access formatter unpacks them.
@@ -195,4 +197,11 @@ class RedactTokens(logging.Filter):
         return True
 
     def _redact(self, value: Any) -> Any:
-        return self._PATTERN.sub(r"\1***", value) if isinstance(value, str) and "token=" in value else value
+        if not isinstance(value, str) or "=" not in value:
+            return value
+        return self._PATTERN.sub(self._blank, value)
+
+    @staticmethod
+    def _blank(match: re.Match[str]) -> str:
+        key = urllib.parse.unquote_plus(match.group(2)).strip().lower()
+        return f"{match.group(1)}{match.group(2)}=***" if key == "token" else match.group(0)

@@ -131,6 +131,9 @@ def test_a_real_browser_style_client_sees_the_close_code(tmp_path: Path) -> None
         with connect(f"{ws_base}/ws/live?token={TOKEN}") as ws:
             with pytest.raises(TimeoutError):
                 ws.recv(timeout=0.3)  # open and quiet: nothing happened yet
+        with connect(f"{ws_base}/ws/live?%74oken={TOKEN}&x=1") as ws:  # the key percent-encoded: still the token
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=0.3)
         assert httpx.get(f"{base}/api/runs").status_code == 401
         assert httpx.get(f"{base}/api/runs", params={"token": TOKEN}).status_code == 401
         assert httpx.get(f"{base}/api/runs", headers=BEARER).json() == []
@@ -138,6 +141,7 @@ def test_a_real_browser_style_client_sees_the_close_code(tmp_path: Path) -> None
     # uvicorn logs each path with its query; the token is blanked there, the rest kept.
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert '"WebSocket /ws/live?token=***" [accepted]' in log and "GET /api/runs?token=*** HTTP/1.1" in log, log
+    assert '"WebSocket /ws/live?%74oken=***&x=1" [accepted]' in log, log  # red team #17 item 10
     assert TOKEN not in log, log
 
 

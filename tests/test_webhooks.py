@@ -449,3 +449,10 @@ def test_webhook_urls_with_credentials_or_spaces_are_refused() -> None:
     for bad in ("https://user:pw@hooks.example.com/x", "https://hooks.example.com/a b"):
         with pytest.raises(ValueError, match="no user:password@ part and no spaces"):
             check_webhook_url(bad)
+
+
+def test_logs_show_a_webhooks_host_never_its_path() -> None:
+    from layerwatch.server.webhooks.destinations import shown
+
+    assert shown("https://hooks.slack.com/services/T000/B000/XXXX") == "https://hooks.slack.com/…"
+    assert shown("http://127.0.0.1:9000/hook?key=s") == "http://127.0.0.1:9000/…"

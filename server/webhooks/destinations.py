@@ -25,6 +25,13 @@ ALLOW_FLAG = "--webhook-allow-private"
 CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: Alibaba's metadata service is in it
 
 
+def shown(url: str) -> str:
+    """`url` as logs may show it: scheme and host only. The path of a Slack or Teams incoming-webhook
+    URL is its credential."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}/…"
+
+
 def literal_address(host: str | None) -> Address | None:
     """The address a URL's host spells directly: dotted, IPv6, or the integer and hex forms that
     resolvers accept (2130706433, 0x7f000001 are 127.0.0.1); None for a name."""

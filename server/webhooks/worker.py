@@ -127,7 +127,7 @@ class WebhookWorker:
         log.log(
             level,
             "webhook %s attempt %d for alert %s: %s (%s)",
-            due.url,
+            destinations.shown(due.url),  # the path of a Slack URL is a credential
             due.attempt,
             due.payload.get("alert_id"),
             outcome,
