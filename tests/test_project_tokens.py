@@ -223,3 +223,18 @@ def test_a_real_training_with_its_project_token(tmp_path: Path, monkeypatch: pyt
         assert httpx.get(f"{base}/api/runs", headers=bearer(NLP)).json() == []  # the refused run is not stored
         assert httpx.get(f"{base}/api/runs/{mon.run_id}", headers=bearer(NLP)).status_code == 404
         assert httpx.get(f"{base}/api/health").json()["auth"] == "token"
+
+
+def test_a_project_token_sees_where_its_alerts_went_but_never_the_webhooks_url(split: TestClient) -> None:
+    """Red team #17 item 9: a webhook URL (a Slack URL's path is its credential) belongs to the server
+    token's holder; a project token reads its runs' deliveries with the URL cut to scheme://host/…."""
+    from tests.test_webhooks import finding, findings_frame
+
+    url = "https://hooks.example.com/services/T000/B000/SECRETPATH"
+    assert split.post("/api/webhooks", json={"url": url}, headers=bearer(SERVER)).status_code == 201
+    answer, _ = send(split, VISION, [findings_frame("v1", 1000, 3, finding(severity="critical"))])
+    assert answer["kind"] == "ack", answer
+    seen = split.get("/api/webhooks/deliveries", params={"run_id": "v1"}, headers=bearer(VISION)).json()
+    assert [d["url"] for d in seen] == ["https://hooks.example.com/…"], seen
+    full = split.get("/api/webhooks/deliveries", params={"run_id": "v1"}, headers=bearer(SERVER)).json()
+    assert [d["url"] for d in full] == [url]

@@ -19,7 +19,7 @@ from layerwatch.server import auth
 from layerwatch.server.db import WRITE_LOCK
 from layerwatch.server.routes.deps import AccessDep, SessionDep, get_run_or_404
 from layerwatch.server.settings import check_webhook_destination
-from layerwatch.server.webhooks import store
+from layerwatch.server.webhooks import destinations, store
 from layerwatch.server.webhooks.schemas import AlertDeliveriesPublic, DeliveryPublic, WebhookCreate, WebhookPublic
 
 router = APIRouter(prefix="/api/webhooks", tags=["webhooks"])
@@ -75,7 +75,14 @@ def list_deliveries(
                 detail=f"this token is for project {access.project!r} only: pass run_id, one of its runs",
             )
         get_run_or_404(session, access, run_id)
-    return [DeliveryPublic.model_validate(d) for d in store.list_deliveries(session, run_id=run_id, alert_id=alert_id)]
+    deliveries = [
+        DeliveryPublic.model_validate(d) for d in store.list_deliveries(session, run_id=run_id, alert_id=alert_id)
+    ]
+    if access.project is not None:
+        # A webhook's URL is a credential (a Slack URL's path) of whoever holds the server token: a project
+        # token sees where its alerts went only as scheme://host/….
+        deliveries = [d.model_copy(update={"url": destinations.shown(d.url)}) for d in deliveries]
+    return deliveries
 
 
 @router.get("/summary")
