@@ -585,6 +585,12 @@ def split_batch(message: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     (and its "run_id", "seq" and "rank" where those are valid). Raises SchemaError only when the message
     itself is not a batch (not an object, another protocol, no frames): one bad frame never sinks the
     others of its batch (a run is not lost for one bad name)."""
+    valid, refused = split_batch_indexed(message)
+    return [frame for _, frame in valid], refused
+
+
+def split_batch_indexed(message: Any) -> tuple[list[tuple[int, dict[str, Any]]], list[dict[str, Any]]]:
+    """`split_batch`, each valid frame with its index in the batch (what a later refusal names)."""
     if not isinstance(message, dict):
         raise SchemaError(
             f"a message must be an object {{'protocol': {PROTOCOL_VERSION}, 'frames': [...]}}, "
@@ -635,7 +641,7 @@ def split_batch(message: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]
                 kept.append((i, frame))
         valid = kept
         refused.sort(key=lambda r: r["index"])
-    return [frame for _, frame in valid], refused
+    return valid, refused
 
 
 def _was_run_start(frame: Any, refusal: dict[str, Any]) -> bool:

@@ -30,16 +30,15 @@ def param_owners(model: nn.Module) -> dict[int, tuple[str, str]]:
 
 
 def describe_model(
-    model: nn.Module, forward_order: list[str] | None, optimized: set[int], rms: dict[int, float] | None = None
+    model: nn.Module, forward_order: list[str] | None, optimized: set[int], rms: dict[int, float]
 ) -> dict[str, Any]:
     """The `model` field of run_start: modules in forward order with their parameters; `rms`: each
-    parameter's RMS by id (`weight_rms`, read at attach), measured now if not given."""
+    parameter's RMS by id (`weight_rms`, read at attach)."""
     modules = dict(model.named_modules())
     order = [name for name in (forward_order or []) if name in modules]
     called = set(order)
     order += [name for name in modules if name not in called]
     owners = param_owners(model)
-    rms = weight_rms(model) if rms is None else rms
     described = []
     for name in order:
         module = modules[name]

@@ -67,24 +67,25 @@ def _parse(message: dict[str, Any], limit: int) -> tuple[list[tuple[int, dict[st
         except RecursionError:
             raise BadMessage("message is nested too deeply to be a batch") from None
     try:
-        frames, refused = wire.split_batch(batch)
+        return wire.split_batch_indexed(batch)
     except wire.SchemaError as exc:
         raise BadMessage(str(exc)) from None
-    at = {id(f): i for i, f in enumerate(batch["frames"])}  # each valid frame's index in the batch
-    return [(at[id(f)], f) for f in frames], refused
 
 
 def _check_writers(
     session: Session, frames: list[tuple[int, dict[str, Any]]], proven: set[str], refused: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """The frames this connection may write: of a run with a secret, only once a run_start carrying it
-    came over this connection (`proven` remembers those runs); the others join `refused`, by index.
+    came over this connection; the others join `refused`, by index. `proven` remembers, per connection,
+    the runs it may write (proven, or started without a secret), so a batch of those needs no lookup:
+    only runs not proven yet, and run_starts (checked against the secret every time), are looked up.
 
     The first run_start of a run sets its secret (stored as a hash, in this batch's transaction: under
     the write lock, no other connection can set it between). A run started without one (an older
     client) is written as before, and never adopts one later: that would lock its own client out."""
-    run_ids = list(dict.fromkeys(f["run_id"] for _, f in frames))
-    known: dict[str, str | None] = store.run_secret_hashes(session, run_ids)
+    looked_up = {f["run_id"]: None for _, f in frames if f["kind"] == "run_start" or f["run_id"] not in proven}
+    known: dict[str, str | None] = store.run_secret_hashes(session, list(looked_up))
+    proven.update(run_id for run_id, hashed in known.items() if hashed is None)  # no secret: anyone, as before
     kept = []
     for i, f in frames:
         run_id = f["run_id"]
